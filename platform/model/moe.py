@@ -1,0 +1,167 @@
+"""DeepSeekMoE: the sigmoid, group-limited gate, the routed experts and the MoE layer.
+
+The gate *chooses* experts by top-k of (affinity + bias) inside the best ``topk_group`` of
+``n_group`` groups and *weighs* them by the unbiased affinities, normalized, times
+``routed_scaling_factor``. The bias ``e_score_correction_bias`` is a buffer: it is changed only
+by the auxiliary-loss-free rule at the optimizer step (``raymoe.platform.train.balance``),
+never by gradients. Each MoE layer counts the tokens routed to each expert
+(``tokens_per_expert``) for that rule and for MaxVio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.platform.config import ModelConfig
+from raymoe.platform.model.layers import MLP
+
+
+class Gate(nn.Module):
+    """Router of one MoE layer: ``weight`` [E, D] (float32) and the bias buffer [E].
+
+    Args:
+        cfg: model config (``n_routed_experts``, ``num_experts_per_tok``, ``n_group``,
+            ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, K] float32, expert ids [N, K], affinities [N, E] float32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        idx = route(
+            scores.detach(), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group
+        )  # [N, K]
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, idx, scores
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """Expert choice: top-k of biased affinities within the top ``topk_group`` groups.
+
+    A group's score is the sum of its two highest biased affinities. scores [N, E] -> ids [N, K].
+    """
+    biased = scores + bias  # [N, E]
+    N, E = biased.shape
+    if n_group > 1 and topk_group < n_group:
+        grouped = biased.view(N, n_group, E // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        group_idx = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+    return biased.topk(top_k, dim=-1).indices
+
+
+class Experts(nn.Module):
+    """The routed SwiGLU experts of one layer, stacked: ``gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I].
+
+    Args:
+        n_experts: E.
+        hidden_size: D.
+        intermediate_size: I (``moe_intermediate_size``).
+    """
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, D], idx/weights [N, K] -> sum_k weights[:, k] · expert_{idx[:, k]}(x)  [N, D]."""
+        N, K = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        y = self.run_grouped(x[token], counts)  # [N*K, D]
+        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def run_grouped(self, x_sorted: torch.Tensor, counts: list[int], expert_ids: list[int] | None = None) -> torch.Tensor:
+        """Run expert e on its rows: x_sorted [M, D] holds counts[i] rows for expert_ids[i] in order."""
+        expert_ids = range(self.n_experts) if expert_ids is None else expert_ids
+        outs = []
+        start = 0
+        for e, n in zip(expert_ids, counts):
+            if n == 0:
+                continue
+            rows = x_sorted[start : start + n]
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        if not outs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE layer: shared experts plus gated routed experts.
+
+    Args:
+        cfg: model config.
+        seq_aux_alpha: weight of the sequence-wise balance loss (0 = off, the default).
+    """
+
+    def __init__(self, cfg: ModelConfig, seq_aux_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.seq_aux_alpha = seq_aux_alpha
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        # tokens routed to each expert since the last reset (for the bias rule and MaxVio)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.count_loads = True
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss or None)."""
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, idx, scores = self.gate(flat)
+        if self.count_loads:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.n_experts).to(
+                    self.tokens_per_expert.dtype
+                )
+        y = self.experts(flat, idx, weights).view(B, S, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        aux = None
+        if self.seq_aux_alpha > 0 and self.training:
+            aux = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.seq_aux_alpha)
+        return y, aux
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, averaged over sequences.
+
+    L = α Σ_i f_i P_i with f_i = E/(K·S) · (tokens of the sequence routed to i) and
+    P_i = mean over the sequence of s_i / Σ_j s_j. scores [B, S, E], idx [B, S, K].
+    """
+    B, S, E = scores.shape
+    K = idx.shape[-1]
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, idx.reshape(B, -1), torch.ones(B, S * K, device=scores.device)
+    )
+    f = counts * (E / (K * S))  # [B, E]
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+    return alpha * (f * p).sum(dim=-1).mean()

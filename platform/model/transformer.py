@@ -1,0 +1,243 @@
+"""The DeepSeek-V3 causal language model: decoder blocks, multi-token prediction, the LM.
+
+Parameter names equal transformers' ``DeepseekV3ForCausalLM`` state dict (``model.layers.N.
+self_attn.q_a_proj.weight``, ``model.layers.N.mlp.experts.gate_up_proj``, ...), so its weights
+load with ``load_state_dict``; the MTP modules live in ``model.mtp.K`` (a checkpoint stores them as
+layer ``num_hidden_layers + K``; ``raymoe.platform.checkpoint`` maps the two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.platform.config import ModelConfig
+from raymoe.platform.model.attention import MLA, LatentCache
+from raymoe.platform.model.layers import MLP, RMSNorm, RotaryEmbedding
+from raymoe.platform.model.moe import MoE
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm MLA and a dense MLP (first layers) or a MoE.
+
+    Args:
+        cfg: model config.
+        layer_id: index of the layer (and of its slot in the latent cache).
+        moe: whether the feed-forward is a MoE (else a dense SwiGLU of ``intermediate_size``).
+        seq_aux_alpha: sequence-wise balance loss weight of the MoE.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, seq_aux_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_id)
+        self.mlp: nn.Module = MoE(cfg, seq_aux_alpha) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        absorbed: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [B, S, D] -> (h [B, S, D], balance loss of the MoE or None)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, absorbed)
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(x)
+            return h + y, aux
+        return h + self.mlp(x), None
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output projection is the model's shared ``lm_head``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(Block):
+    """Multi-token prediction module k: ``eh_proj[enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]``, one block.
+
+    Its state dict names (``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and a decoder
+    layer's) are those of DeepSeek-V3's checkpoint layer ``num_hidden_layers + k - 1``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, seq_aux_alpha: float = 0.0) -> None:
+        super().__init__(cfg, layer_id, moe=cfg.n_routed_experts > 0, seq_aux_alpha=seq_aux_alpha)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """h_prev [B, S, D] (depth k-1), emb_next [B, S, D] (embedding of t_{i+k}) -> [B, S, D]."""
+        return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers, final norm and the MTP modules (HF's ``model.*``)."""
+
+    def __init__(self, cfg: ModelConfig, seq_aux_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(cfg, i, moe=i >= cfg.first_k_dense_replace, seq_aux_alpha=seq_aux_alpha)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k, seq_aux_alpha) for k in range(cfg.num_nextn_predict_layers)
+        )
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+@dataclass
+class LossOutput:
+    """Losses of one training forward; ``loss`` is what backward runs on."""
+
+    loss: torch.Tensor
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None
+    tokens: int
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3 for causal language modelling (single device, no Ray).
+
+    Args:
+        cfg: model config; ``num_nextn_predict_layers`` MTP modules are built.
+        seq_aux_alpha: sequence-wise balance loss weight (0 = off).
+    """
+
+    def __init__(self, cfg: ModelConfig, seq_aux_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg, seq_aux_alpha)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # -- construction -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, main layers first, then the MTP modules'."""
+        blocks = list(self.model.layers) + list(self.model.mtp)
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def positions(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, R/2] of positions start..start+length-1."""
+        if start + length > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence reaches position {start + length}, beyond max_position_embeddings "
+                f"({self.cfg.max_position_embeddings})"
+            )
+        return self.model.rotary_emb(torch.arange(start, start + length, device=device))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        cache: LatentCache | None = None,
+        absorbed: bool | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids [B, S] -> (final-normed hidden states [B, S, D], MoE balance losses)."""
+        start = cache.length if cache is not None else 0
+        cos, sin = self.positions(start, input_ids.shape[1], input_ids.device)
+        h = self.model.embed_tokens(input_ids)
+        aux: list[torch.Tensor] = []
+        for layer in self.model.layers:
+            h, a = layer(h, cos, sin, cache, absorbed)
+            if a is not None:
+                aux.append(a)
+        return self.model.norm(h), aux
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: LatentCache | None = None,
+        absorbed: bool | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, S, V] (float32) of input_ids [B, S]; with a cache, continues from ``cache.length``
+        and advances it (the MTP modules are not run)."""
+        h, _ = self.hidden(input_ids, cache, absorbed)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float = 0.3) -> LossOutput:
+        """Training loss of input_ids [B, S] against labels [B, S] (next tokens; -100 = ignore).
+
+        Main cross-entropy + λ · mean over MTP depths k of the cross-entropy of predicting
+        t_{i+k+1} from position i (depth k sees the embedding of t_{i+k} = labels shifted by
+        k-1), plus the sequence-wise balance losses when enabled.
+        """
+        h, aux = self.hidden(input_ids)
+        main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        total = main
+        mtp_loss = None
+        if len(self.model.mtp):
+            cos, sin = self.positions(0, input_ids.shape[1], input_ids.device)
+            losses = []
+            h_prev = h
+            for k, module in enumerate(self.model.mtp, start=1):
+                # position i combines h^{k-1}_i with Emb(t_{i+k}) = Emb(labels[i+k-1]) and predicts labels[i+k]
+                next_tokens = _shift_left(labels, k - 1, fill=0).clamp_min(0)
+                h_k = module.combine(h_prev, self.model.embed_tokens(next_tokens))
+                h_k, a = module(h_k, cos, sin)
+                if a is not None:
+                    aux.append(a)
+                target = _shift_left(labels, k, fill=IGNORE_INDEX)
+                logits = self.lm_head(module.shared_head.norm(h_k)).float()
+                losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX))
+                h_prev = h_k
+            mtp_loss = torch.stack(losses).mean()
+            total = total + mtp_lambda * mtp_loss
+        aux_loss = torch.stack(aux).sum() if aux else None
+        if aux_loss is not None:
+            total = total + aux_loss
+        tokens = int((labels != IGNORE_INDEX).sum())
+        return LossOutput(loss=total, main_loss=main, mtp_loss=mtp_loss, aux_loss=aux_loss, tokens=tokens)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A latent cache for every main layer and MTP module."""
+        param = self.lm_head.weight
+        return LatentCache(self.cfg, self.num_cache_layers, batch_size, max_len, dtype or param.dtype, param.device)
+
+
+def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x [B, S] shifted left by k along S, the last k positions set to ``fill``."""
+    if k == 0:
+        return x
+    out = torch.full_like(x, fill)
+    out[:, :-k] = x[:, k:]
+    return out
