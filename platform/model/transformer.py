@@ -199,13 +199,14 @@ class DeepseekV3(nn.Module):
 
         Main cross-entropy + λ · mean over MTP depths k of the cross-entropy of predicting
         t_{i+k+1} from position i (depth k sees the embedding of t_{i+k} = labels shifted by
-        k-1), plus the sequence-wise balance losses when enabled.
+        k-1), plus the sequence-wise balance losses when enabled. With ``mtp_lambda`` 0 the MTP
+        modules are not run.
         """
         h, aux = self.hidden(input_ids)
         main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         total = main
         mtp_loss = None
-        if len(self.model.mtp):
+        if len(self.model.mtp) and mtp_lambda > 0:
             cos, sin = self.positions(0, input_ids.shape[1], input_ids.device)
             losses = []
             h_prev = h
