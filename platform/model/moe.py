@@ -41,9 +41,7 @@ class Gate(nn.Module):
         """x [N, D] -> (weights [N, K] float32, expert ids [N, K], affinities [N, E] float32)."""
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
-        idx = route(
-            scores.detach(), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group
-        )  # [N, K]
+        idx = route(scores.detach(), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group)  # [N, K]
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -93,7 +91,9 @@ class Experts(nn.Module):
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
-    def run_grouped(self, x_sorted: torch.Tensor, counts: list[int], expert_ids: list[int] | None = None) -> torch.Tensor:
+    def run_grouped(
+        self, x_sorted: torch.Tensor, counts: list[int], expert_ids: list[int] | None = None
+    ) -> torch.Tensor:
         """Run expert e on its rows: x_sorted [M, D] holds counts[i] rows for expert_ids[i] in order."""
         expert_ids = range(self.n_experts) if expert_ids is None else expert_ids
         outs = []

@@ -57,4 +57,3 @@ def gamma_at(step: int, total_steps: int, gamma: float, gamma_final: float | Non
         return gamma
     frac = min(max(step / (total_steps - 1), 0.0), 1.0)
     return gamma + (gamma_final - gamma) * frac
-
