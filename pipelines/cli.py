@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("info", "generate", "pretrain", "bench")
+SUBCOMMANDS = ("info", "generate", "pretrain", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # dotted overrides may also follow options (`raymoe pretrain tiny --output o train.steps=5`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from raymoe.platform.config import ConfigError
 
