@@ -1,0 +1,1 @@
+"""Data: the built-in corpus, tokenizer training and (later) Parquet shards and the resumable loader."""
