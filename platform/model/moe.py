@@ -37,6 +37,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        # the router stays float32 when the model is cast (``model.to(torch.bfloat16)``): bias steps
+        # of γ = 0.001 vanish in bf16 rounding, and the scores decide the routing
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] float32, expert ids [N, K], affinities [N, E] float32)."""
         with torch.autocast(x.device.type, enabled=False):
@@ -128,16 +136,22 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
-        # tokens routed to each expert since the last reset (for the bias rule and MaxVio)
+        # tokens routed to each expert since the last reset (for the bias rule and MaxVio);
+        # counted in training mode, or always / never when ``count_loads`` is True / False
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.count_loads = True
+        self.count_loads: bool | None = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        super()._apply(fn, recurse)
+        self.tokens_per_expert.data = self.tokens_per_expert.data.float()  # counts past 256 are exact
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss or None)."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         weights, idx, scores = self.gate(flat)
-        if self.count_loads:
+        if self.count_loads or (self.count_loads is None and self.training):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.n_experts).to(
                     self.tokens_per_expert.dtype

@@ -139,6 +139,8 @@ class LocalTrainer:
         """Mean main loss over ``batches`` and MaxVio_global per layer (loads summed over all of them)."""
         was_training = self.model.training
         self.model.eval()
+        for moe in self.moe_layers:
+            moe.count_loads = True
         collect_loads(self.moe_layers)
         total, count = 0.0, 0
         for input_ids, labels in batches:
@@ -147,5 +149,7 @@ class LocalTrainer:
             total += out.main_loss.item() * out.tokens
             count += out.tokens
         loads = collect_loads(self.moe_layers)
+        for moe in self.moe_layers:
+            moe.count_loads = None
         self.model.train(was_training)
         return total / max(count, 1), max_violation(loads) if loads.numel() else torch.zeros(0)

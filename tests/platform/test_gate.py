@@ -136,3 +136,27 @@ def test_seq_aux_loss_reaches_the_total_loss() -> None:
     assert m.aux_loss is not None and m.aux_loss > 0
     assert abs(m.loss - (m.main_loss + cfg.train.mtp_lambda * m.mtp_loss + m.aux_loss)) < 1e-4
     assert all(isinstance(x, MoE) for x in trainer.moe_layers)
+
+
+def test_router_state_stays_float32_when_the_model_is_cast() -> None:
+    cfg = load_config("tiny")
+    trainer = LocalTrainer(cfg)
+    model = trainer.model.to(torch.bfloat16)
+    for moe in model.moe_layers():
+        assert moe.gate.weight.dtype == torch.float32
+        assert moe.gate.e_score_correction_bias.dtype == torch.float32
+        assert moe.tokens_per_expert.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_loads_are_counted_in_training_and_evaluation_only() -> None:
+    cfg = load_config("tiny")
+    trainer = LocalTrainer(cfg)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(ids)  # inference: not counted
+    assert collect_loads(trainer.moe_layers).sum() == 0
+    loss, vio = trainer.evaluate([(ids[:, :-1], ids[:, 1:])])
+    assert loss > 0 and vio.shape == (cfg.model.num_moe_layers + cfg.model.num_nextn_predict_layers,)
+    assert (vio >= 0).all() and vio.max() > 0
