@@ -61,6 +61,7 @@ def run_pretrain(cfg: RaymoeConfig, output: Path, progress: bool = True) -> Pret
     """Train ``cfg`` in this process on the built-in corpus; save the final checkpoint under ``output``."""
     from safetensors.torch import load_file
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from raymoe.platform.checkpoint import save_hf_checkpoint
     from raymoe.platform.data.corpus import PackedTokens
@@ -75,21 +76,22 @@ def run_pretrain(cfg: RaymoeConfig, output: Path, progress: bool = True) -> Pret
     per_micro = cfg.train.batch_size // micro
     first = last = float("nan")
     tokens, seconds = 0, 0.0
-    bar = tqdm(range(cfg.train.steps), desc="pretrain", disable=not progress, unit="step")
-    for step in bar:
-        m = trainer.train_step([data.batch(per_micro) for _ in range(micro)])
-        first = m.loss if step == 0 else first
-        last = m.loss
-        if step > 0:  # the first step pays one-time costs
-            tokens += m.tokens
-            seconds += m.seconds
-        bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}", maxvio=f"{m.max_vio.mean():.2f}")
-        if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-            logger.info(
-                "step %d loss %.4f main %.4f mtp %s lr %.2e maxvio %.3f bias [%.4f, %.4f] %.0f tok/s",
-                step, m.loss, m.main_loss, f"{m.mtp_loss:.4f}" if m.mtp_loss is not None else "-", m.lr,
-                float(m.max_vio.mean()), m.bias_min, m.bias_max, m.tokens_per_s,
-            )  # fmt: skip
+    bar = tqdm(range(cfg.train.steps), desc="pretrain", disable=not progress, unit="step", dynamic_ncols=True)
+    with logging_redirect_tqdm():  # log lines print above the progress bar
+        for step in bar:
+            m = trainer.train_step([data.batch(per_micro) for _ in range(micro)])
+            first = m.loss if step == 0 else first
+            last = m.loss
+            if step > 0:  # the first step pays one-time costs
+                tokens += m.tokens
+                seconds += m.seconds
+            bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}", maxvio=f"{m.max_vio.mean():.2f}")
+            if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
+                logger.info(
+                    "step %d loss %.4f main %.4f mtp %s lr %.2e maxvio %.3f bias [%.4f, %.4f] %.0f tok/s",
+                    step, m.loss, m.main_loss, f"{m.mtp_loss:.4f}" if m.mtp_loss is not None else "-", m.lr,
+                    float(m.max_vio.mean()), m.bias_min, m.bias_max, m.tokens_per_s,
+                )  # fmt: skip
     checkpoint = output / "checkpoint"
     save_hf_checkpoint(trainer.model, checkpoint, extra_files=[tokenizer_path])
     (output / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

@@ -1,0 +1,195 @@
+"""``raymoe bench``: benchmarks that print a table (and write JSON); they compare side by side in one run.
+
+    raymoe bench model                          # the bench preset: ours vs transformers, fp32 and bf16
+    raymoe bench model --json --out bench.json  # the report as JSON too (the last line of stdout)
+    raymoe bench model --quick                  # seconds: tiny preset, ours vs transformers eager, fp32
+    raymoe bench model --impls ours,grouped_mm --dtypes bf16 train.batch_size=4
+
+``raymoe bench model`` is :mod:`raymoe.platform.benchmarks.model_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from raymoe.platform.benchmarks.model_bench import (
+    DTYPES,
+    IMPLEMENTATIONS,
+    MODES,
+    OURS,
+    BenchOptions,
+    Job,
+    check_options,
+    plan_jobs,
+    run_model_bench,
+)
+
+# 1-min load average above which timings are flagged: with other processes on the 2 cores, a
+# 2-thread 256^3 fp32 matmul measured 0.0014 TFLOP/s against 0.077 on one thread (load 3.6)
+BUSY_LOAD_AVERAGE = 1.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand and its benchmarks (``bench model``)."""
+    parser = subparsers.add_parser("bench", help="benchmarks: tables of tokens/s, MFU and memory", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _register_model(benchmarks)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _register_model(benchmarks: argparse._SubParsersAction) -> None:
+    defaults, quick = BenchOptions(), BenchOptions.quick()
+    parser = benchmarks.add_parser(
+        "model",
+        help="our training step and greedy decode against transformers' DeepseekV3, fp32 and bf16",
+        description=(
+            "Measure the matmul rates of this machine, then our training step and greedy decode and those of "
+            "transformers' DeepseekV3ForCausalLM (each experts implementation) in float32 and bf16, every "
+            "configuration in its own process; print a table of tokens/s, ratios, MFU and peak memory."
+        ),
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=4")
+    parser.add_argument("--preset", help=f"preset or .yaml (default {defaults.preset}; {quick.preset} with --quick)")
+    parser.add_argument(
+        "--impls", type=_csv, help=f"comma list of {','.join(IMPLEMENTATIONS)} (default all; {OURS},eager with --quick)"
+    )
+    parser.add_argument(
+        "--dtypes", type=_csv, help=f"comma list of {','.join(DTYPES)} (default both; fp32 with --quick)"
+    )
+    parser.add_argument("--warmup-steps", type=int, help=f"untimed training steps (default {defaults.warmup_steps})")
+    parser.add_argument("--train-steps", type=int, help=f"timed training steps (default {defaults.train_steps})")
+    parser.add_argument("--prompt-len", type=int, help=f"decode prompt tokens (default {defaults.prompt_len})")
+    parser.add_argument("--decode-tokens", type=int, help=f"new tokens per generate (default {defaults.decode_tokens})")
+    parser.add_argument("--decode-repeats", type=int, help=f"timed generate calls (default {defaults.decode_repeats})")
+    parser.add_argument("--timeout-s", type=float, help=f"per configuration (default {defaults.worker_timeout_s:g})")
+    parser.add_argument("--memory-limit-mib", type=int, help="address-space limit per worker (default 75%% of free)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: tiny preset, one timed step, few tokens")
+    parser.add_argument("--json", action="store_true", help="also print the report as one JSON object (last line)")
+    parser.add_argument("--out", type=Path, help="write the JSON report to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_model)
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The :class:`BenchOptions` of the command line: ``--quick``'s or the defaults, then each given flag."""
+    base = BenchOptions.quick() if args.quick else BenchOptions()
+    given = {
+        "preset": args.preset,
+        "impls": args.impls,
+        "dtypes": args.dtypes,
+        "warmup_steps": args.warmup_steps,
+        "train_steps": args.train_steps,
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "decode_repeats": args.decode_repeats,
+        "worker_timeout_s": args.timeout_s,
+        "memory_limit_mib": args.memory_limit_mib,
+    }
+    changes = {name: value for name, value in given.items() if value is not None}
+    return dataclasses.replace(base, overrides=list(args.overrides), **changes)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Run ``raymoe bench model``; exit code 1 when a configuration of ours failed, else 0."""
+    from tqdm import tqdm
+
+    opts = options_from_args(args)
+    check_options(opts)  # a bad option fails now, not after minutes of benchmarking
+    with tqdm(total=len(plan_jobs(opts)), desc="bench model", unit="run", disable=args.no_progress or None) as bar:
+
+        def progress(job: Job, result: dict[str, Any]) -> None:
+            bar.set_postfix_str(job.label)
+            bar.update()
+
+        report = run_model_bench(opts, progress)
+    print(format_table(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+    ours_failed = any(c["impl"] == OURS and (c["train_error"] or c["decode_error"]) for c in report["configs"])
+    return 1 if ours_failed else 0
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned columns, then the failures, the speedups and the peak memory."""
+    rates = report["matmul_tflops"]
+    header = ("impl", "dtype", "train tok/s", "x HF", "MFU", "peak MiB", "decode tok/s", "x HF", "MFU", "peak MiB")
+    best_hf = {}
+    for mode in MODES:
+        hf = [c[f"{mode}_tokens_per_s"] for c in report["configs"] if c["impl"] != OURS and c[f"{mode}_tokens_per_s"]]
+        best_hf[mode] = max(hf, default=None)
+    rows = []
+    for c in report["configs"]:
+        row = [c["impl"] if c["impl"] == OURS else f"hf {c['impl']}", c["dtype"]]
+        for mode in MODES:
+            tps = c[f"{mode}_tokens_per_s"]
+            ratio = tps / best_hf[mode] if tps and best_hf[mode] else None
+            if tps is None:
+                row += ["failed", "-", "-", "-"]
+                continue
+            row += [format(tps, ",.1f"), _cell(ratio, ".2f"), _cell(c[f"{mode}_mfu"], ".1%")]
+            row.append(_cell(c[f"{mode}_peak_mib"], ",.0f"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...] | list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    matmul = "  ".join(
+        f"{s['dtype']} {s['name']} {s['m']}x{s['k']}x{s['n']}: {s['tflops']:.2f}" for s in report["matmul"]
+    )
+    out = [
+        f"raymoe bench model: preset {report['preset']}, train {report['batch_size']}x{report['seq_len']} tokens "
+        f"({report['warmup_steps']} warmup + {report['train_steps']} timed steps), decode batch 1 "
+        f"{report['prompt_len']}-token prompt + {report['decode_tokens']} new tokens (x{report['decode_repeats']}), "
+        f"{report['threads']} threads",
+        f"matmul TFLOP/s  {matmul or report['matmul_error']}",
+        "MFU against " + ", ".join(f"{d} {r:.2f} TFLOP/s" for d, r in rates.items()) + "; x HF = over transformers' "
+        "fastest",
+        "",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(r) for r in rows),
+    ]
+    failures = [
+        f"  {c['impl']} {c['dtype']} {mode}: {c[f'{mode}_error']}"
+        for c in report["configs"]
+        for mode in MODES
+        if c[f"{mode}_error"]
+    ]
+    if failures:
+        out += ["", "failed:", *failures]
+    out.append("")
+    for mode in MODES:
+        speedup, fastest, peak = report[f"{mode}_speedup"], report["fastest"][mode], report["peak_mib"][mode]
+        if speedup is None:
+            out.append(f"{mode} speedup: n/a (ours {fastest['ours']}, transformers {fastest['transformers']})")
+            continue
+        out.append(
+            f"{mode} speedup: {speedup:.2f}x  ({fastest['ours']} over transformers {fastest['transformers']}; "
+            f"peak {peak['ours']:,.0f} vs {peak['transformers']:,.0f} MiB)"
+        )
+    out.append(
+        f"skipped: {'; '.join(report['skipped'])}.  took {report['seconds']:.0f} s; 1-min load average "
+        f"{report['load_average'][0]:.2f} at start, {report['load_average'][1]:.2f} at end"
+    )
+    if report["load_average"][0] > BUSY_LOAD_AVERAGE:
+        out.append(
+            f"WARNING: the machine was busy when the bench started (load average {report['load_average'][0]:.2f}): "
+            "threads that wait for each other slow down many times over; rerun on a quiet machine"
+        )
+    return "\n".join(out)

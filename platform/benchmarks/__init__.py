@@ -1,0 +1,1 @@
+"""Benchmarks that the ``raymoe bench`` subcommands run; each prints a table and writes JSON, never asserts a time."""
