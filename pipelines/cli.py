@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("info", "generate", "pretrain", "demo", "bench")
+SUBCOMMANDS = ("info", "generate", "pretrain", "demo", "bench", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,7 +136,9 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, torch.Tensor]:
-        """Mean main loss over ``batches`` and MaxVio_global per layer (loads summed over all of them)."""
+        """Mean main loss over ``batches`` and MaxVio_global per main MoE layer (loads summed over all of them).
+
+        The MTP modules are not run (they do not change the main model's predictions)."""
         was_training = self.model.training
         self.model.eval()
         for moe in self.moe_layers:
@@ -152,4 +154,5 @@ class LocalTrainer:
         for moe in self.moe_layers:
             moe.count_loads = None
         self.model.train(was_training)
+        loads = loads[: self.cfg.model.num_moe_layers]
         return total / max(count, 1), max_violation(loads) if loads.numel() else torch.zeros(0)

@@ -158,5 +158,5 @@ def test_loads_are_counted_in_training_and_evaluation_only() -> None:
         trainer.model(ids)  # inference: not counted
     assert collect_loads(trainer.moe_layers).sum() == 0
     loss, vio = trainer.evaluate([(ids[:, :-1], ids[:, 1:])])
-    assert loss > 0 and vio.shape == (cfg.model.num_moe_layers + cfg.model.num_nextn_predict_layers,)
-    assert (vio >= 0).all() and vio.max() > 0
+    assert loss > 0 and vio.shape == (cfg.model.num_moe_layers,)
+    assert (vio > 0).all()
