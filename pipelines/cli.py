@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("info", "generate", "pretrain", "demo", "bench", "ui")
+SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "demo", "bench", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"raymoe.pipelines.{name}").register(sub)
+        importlib.import_module(f"raymoe.pipelines.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -1,0 +1,186 @@
+"""The pretraining loop of the local engine: data, steps, evaluation, checkpoints, tracking, resume.
+
+``pretrain`` reads like the loop it is: take the next global batch from the resumable loader,
+run one optimizer step (the bias update included), log it, evaluate and checkpoint every so
+often. ``resume=True`` continues from the latest complete checkpoint in ``output``: weights,
+biases, optimizer state, step, loader position and RNG, so the losses are those of a run that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raymoe.platform.config import ConfigError, RaymoeConfig, config_to_dict, flatten
+from raymoe.platform.data.loader import ShardLoader, iter_batches
+from raymoe.platform.train.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from raymoe.platform.train.trainer import LocalTrainer, StepMetrics
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced."""
+
+    output: Path
+    checkpoint: Path
+    steps: int
+    first_loss: float  # loss of the first step this process ran
+    last_loss: float
+    losses: list[float]  # per step run by this process
+    tokens_per_s: float
+    val_loss: float
+    max_vio_global: float  # mean over MoE layers, on the validation set
+    max_vio_batch_tail: float  # mean MaxVio_batch over the last fifth of the steps
+    run_id: str | None
+    tracking_warning: str | None
+
+
+def micro_batches(input_ids: torch.Tensor, labels: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a global batch [B, S] into ``n`` equal micro-batches."""
+    return list(zip(input_ids.chunk(n), labels.chunk(n)))
+
+
+def evaluate(
+    trainer: LocalTrainer, data_dir: Path, batch_size: int, max_batches: int | None = None
+) -> tuple[float, torch.Tensor]:
+    """Validation loss and MaxVio_global per MoE layer over the validation split (fixed order)."""
+    batches = []
+    for i, batch in enumerate(iter_batches(data_dir, "validation", batch_size=batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batches.append(batch)
+    if not batches:
+        return float("nan"), torch.zeros(0)
+    return trainer.evaluate(batches)
+
+
+def pretrain(
+    cfg: RaymoeConfig,
+    data_dir: str | Path,
+    output: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    run_name: str | None = None,
+    experiment: str | None = None,
+    eval_batches: int | None = None,
+    on_step: Callable[[StepMetrics], None] | None = None,
+) -> PretrainResult:
+    """Pretrain ``cfg`` on the prepared data in ``data_dir``; checkpoints and logs go to ``output``."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from raymoe.platform.tracking import Tracker
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir)
+    tc = cfg.train
+    loader = ShardLoader(data_dir, split="train", batch_size=tc.batch_size, seed=tc.seed)
+    manifest = loader.store.manifest
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
+            f"({manifest.vocab_size} ids in {data_dir})"
+        )
+    if manifest.seq_len != tc.seq_len:
+        raise ConfigError(
+            f"train.seq_len ({tc.seq_len}) differs from the data's sequence length ({manifest.seq_len} in {data_dir}); "
+            f"set train.seq_len={manifest.seq_len} or prepare the data with --seq-len {tc.seq_len}"
+        )
+    eval_batch = max(tc.batch_size // cfg.parallel.micro_batches, 1)
+    torch.manual_seed(tc.seed)
+    trainer = LocalTrainer(cfg)
+    run_id = None
+    if resume:
+        ckpt = latest_checkpoint(output)
+        if ckpt is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting from step 0", output)
+        else:
+            state = load_training_checkpoint(ckpt, trainer.model, trainer.optimizer)
+            trainer.step = state["step"]
+            loader.load_state_dict(state["loader"])
+            run_id = state.get("mlflow_run_id")
+            logger.info("resumed from %s at step %d", ckpt, trainer.step)
+    tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id)
+    tracker.start(flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": "local"})
+    tokenizer = data_dir / TOKENIZER_FILE
+    extra = [tokenizer] if tokenizer.is_file() else []
+
+    def checkpoint() -> Path:
+        state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}
+        return save_training_checkpoint(output, trainer.step, trainer.model, trainer.optimizer, state, extra)
+
+    losses: list[float] = []
+    vios: list[float] = []
+    tokens, seconds = 0, 0.0
+    last_ckpt: Path | None = None
+    start = trainer.step
+    status = "FAILED"
+    try:
+        with logging_redirect_tqdm():
+            bar = tqdm(range(start, tc.steps), desc="pretrain", disable=not progress, unit="step", dynamic_ncols=True)
+            for step in bar:
+                input_ids, labels = loader.next_batch()
+                m = trainer.train_step(micro_batches(input_ids, labels, cfg.parallel.micro_batches))
+                losses.append(m.loss)
+                vios.append(float(m.max_vio.mean()) if m.max_vio.numel() else 0.0)
+                if step > start:  # the first step pays one-time costs
+                    tokens, seconds = tokens + m.tokens, seconds + m.seconds
+                tracker.log_step(m)
+                if on_step is not None:
+                    on_step(m)
+                bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}", maxvio=f"{vios[-1]:.2f}")
+                if tc.log_every and (step % tc.log_every == 0 or step == tc.steps - 1):
+                    _log(m)
+                done = trainer.step
+                if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+                    val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
+                    tracker.log_eval(done, val_loss, vio)
+                    logger.info("step %d validation loss %.4f MaxVio_global %.3f", done, val_loss, _mean(vio))
+                if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+                    last_ckpt = checkpoint()
+        val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
+        tracker.log_eval(trainer.step, val_loss, vio)
+        if last_ckpt is None or trainer.step != start:
+            last_ckpt = checkpoint()
+        status = "FINISHED"
+    finally:
+        tracker.finish(status=status, checkpoint=str(last_ckpt) if last_ckpt else None)
+    tail = vios[-max(len(vios) // 5, 1) :] if vios else [float("nan")]
+    return PretrainResult(
+        output=output,
+        checkpoint=last_ckpt,
+        steps=trainer.step,
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        tokens_per_s=tokens / seconds if seconds else 0.0,
+        val_loss=val_loss,
+        max_vio_global=_mean(vio),
+        max_vio_batch_tail=sum(tail) / len(tail),
+        run_id=tracker.run_id,
+        tracking_warning=tracker.warning,
+    )
+
+
+def _mean(x: torch.Tensor) -> float:
+    """Mean over the MoE layers that saw tokens (an unused MTP layer reports 0)."""
+    return float(x.mean()) if x.numel() else math.nan
+
+
+def _log(m: StepMetrics) -> None:
+    logger.info(
+        "step %d loss %.4f main %.4f mtp %s lr %.2e maxvio %.3f bias [%.4f, %.4f] %.0f tok/s",
+        m.step, m.loss, m.main_loss, f"{m.mtp_loss:.4f}" if m.mtp_loss is not None else "-", m.lr,
+        float(m.max_vio.mean()) if m.max_vio.numel() else 0.0, m.bias_min, m.bias_max, m.tokens_per_s,
+    )  # fmt: skip
