@@ -1,4 +1,5 @@
-"""``raymoe demo``: pretrain the ``small`` preset for a few minutes, then sample from it."""
+"""``raymoe demo``: prepare the built-in corpus once, pretrain the ``small`` preset for a few
+minutes with MLflow tracking, then sample from the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ DEMO_PROMPT = "def fibonacci(n):\n    "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train the small preset on the built-in corpus and print a sample")
+    p = sub.add_parser("demo", help="pretrain the small preset on the built-in corpus and print a sample")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
-    p.add_argument("--output", default="outputs/demo", help="output directory (default outputs/demo)")
+    p.add_argument("--output", default="outputs/demo", help="checkpoints go here (default outputs/demo)")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of the sample")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_main)
@@ -23,27 +24,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
-    from raymoe.pipelines.pretrain import run_pretrain
+    from raymoe.pipelines.pretrain import default_data_dir, ensure_default_data
     from raymoe.platform.checkpoint import load_hf_checkpoint
     from raymoe.platform.generate import generate
+    from raymoe.platform.tracking import resolve_tracking_uri
+    from raymoe.platform.train.loop import pretrain
 
-    cfg = load_config("small", args.overrides)
+    cfg = load_config("small", ["train.eval_every=50", *args.overrides])
     output = Path(args.output)
-    print(f"raymoe demo: pretraining the 'small' preset ({cfg.train.steps} steps, {cfg.train.dtype}) on the "
-          f"Python standard library's source; outputs in {output}/")  # fmt: skip
+    data_dir = default_data_dir(cfg)
+    print(f"raymoe demo: 1. the corpus: the Python standard library's source, tokenized into {data_dir}/ (once)")
     t0 = time.perf_counter()
-    result = run_pretrain(cfg, output)
+    ensure_default_data(data_dir, cfg)
+    print(f"raymoe demo: 2. pretraining the 'small' preset: {cfg.train.steps} steps of {cfg.train.batch_size}×"
+          f"{cfg.train.seq_len} tokens in {cfg.train.dtype}, one process, tracked in MLflow")  # fmt: skip
+    result = pretrain(cfg, data_dir, output, run_name="demo")
     print(
-        f"trained {result.steps} steps in {time.perf_counter() - t0:.0f} s: loss {result.first_loss:.3f} -> "
-        f"{result.last_loss:.3f} at {result.tokens_per_s:,.0f} tokens/s"
+        f"trained {len(result.losses)} steps: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, validation "
+        f"loss {result.val_loss:.3f}, MaxVio_global {result.max_vio_global:.3f}, {result.tokens_per_s:,.0f} tokens/s"
     )
-    model = load_hf_checkpoint(result.checkpoint)
-    tokenizer = Tokenizer.from_file(str(result.tokenizer))
+    model = load_hf_checkpoint(result.checkpoint, strict_mtp=False)
+    tokenizer = Tokenizer.from_file(str(result.checkpoint / "tokenizer.json"))
     prompt_ids = tokenizer.encode(args.prompt).ids
     new_ids = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=0.0)[0]
-    print("\n--- sample (greedy) ---")
+    print("\nraymoe demo: 3. a greedy sample from the checkpoint\n--- sample ---")
     print(args.prompt + tokenizer.decode(new_ids))
     print("--- end of sample ---\n")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
     print(f"checkpoint (Hugging Face layout, with tokenizer.json): {result.checkpoint}")
-    print(f"generate more: raymoe generate --checkpoint {result.checkpoint} --prompt 'import os'")
+    print(f"MLflow run {result.run_id} in {resolve_tracking_uri(cfg.tracking.uri)}")
+    print("  see it: raymoe ui   (then open http://127.0.0.1:5000)")
+    if result.tracking_warning:
+        print(f"  tracking: {result.tracking_warning}")
+    print(f"sample more: raymoe generate --checkpoint {result.checkpoint} --prompt 'import os'")
     return 0
