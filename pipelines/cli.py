@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "demo", "bench", "ui")
+SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "demo", "experiment", "bench", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,3 +113,23 @@ def test_training_goes_on_when_the_tracking_server_is_down(tiny_data: Path, tmp_
     result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False)
     assert len(result.losses) == 3 and result.checkpoint.is_dir()
     assert result.run_id is None and result.tracking_warning  # said, not raised
+
+
+def test_balance_experiment_runs_three_tracked_variants(tiny_data: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raymoe.platform.train.experiment import balance_experiment, format_table, variants
+
+    cfg = load_config("tiny", ["train.steps=3", "train.eval_every=0", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    configs = variants(cfg, gamma=0.01)
+    assert configs["loss-free"].train.bias_update_speed == 0.01 and configs["loss-free"].train.seq_aux_alpha == 0
+    assert configs["aux-loss"].train.bias_update_speed == 0 and configs["aux-loss"].train.seq_aux_alpha == 0.001
+    assert configs["none"].train.bias_update_speed == 0 and configs["none"].train.seq_aux_alpha == 0
+    rows = balance_experiment(cfg, tiny_data, tmp_path / "out", gamma=0.01, experiment="balance-test", progress=False)
+    assert [r.method for r in rows] == ["loss-free", "aux-loss", "none"]
+    assert all(r.val_loss > 0 and r.max_vio_global >= 0 for r in rows)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name("balance-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["balance/aux-loss", "balance/loss-free", "balance/none"]
+    assert "| loss-free |" in format_table(rows)
