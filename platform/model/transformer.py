@@ -159,7 +159,8 @@ class DeepseekV3(nn.Module):
                 f"sequence reaches position {start + length}, beyond max_position_embeddings "
                 f"({self.cfg.max_position_embeddings})"
             )
-        return self.model.rotary_emb(torch.arange(start, start + length, device=device))
+        rope = self.model.rotary_emb
+        return rope.cos[start : start + length], rope.sin[start : start + length]
 
     def hidden(
         self,
