@@ -29,10 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # one fused kernel instead of five ops (decode runs ~25 of these per token)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -118,14 +116,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate ``x`` [B, S, H, R] by cos/sin [B, S, R/2] (or [S, R/2]).
+    """Rotate ``x`` [B, S, H, R] by cos/sin [B, S, R/2] (or [S, R/2]), given in x's dtype.
 
     DeepSeek's checkpoints store the rotary dims as interleaved pairs (x0, x1), (x2, x3), ...;
     the result is laid out de-interleaved ([rotated evens, rotated odds]), as in transformers.
     Queries and keys get the same layout, so their dot products are those of the paper.
     """
-    cos = cos.unsqueeze(-2).to(x.dtype)  # [.., S, 1, R/2]
-    sin = sin.unsqueeze(-2).to(x.dtype)
+    cos = cos.unsqueeze(-2)  # [.., S, 1, R/2]
+    sin = sin.unsqueeze(-2)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:

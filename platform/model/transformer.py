@@ -172,6 +172,8 @@ class DeepseekV3(nn.Module):
         start = cache.length if cache is not None else 0
         cos, sin = self.positions(start, input_ids.shape[1], input_ids.device)
         h = self.model.embed_tokens(input_ids)
+        rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        cos, sin = cos.to(rope_dtype), sin.to(rope_dtype)  # once, not once per layer
         aux: list[torch.Tensor] = []
         for layer in self.model.layers:
             h, a = layer(h, cos, sin, cache, absorbed)
@@ -208,7 +210,7 @@ class DeepseekV3(nn.Module):
         total = main
         mtp_loss = None
         if len(self.model.mtp) and mtp_lambda > 0:
-            cos, sin = self.positions(0, input_ids.shape[1], input_ids.device)
+            cos, sin = (t.to(h.dtype) for t in self.positions(0, input_ids.shape[1], input_ids.device))
             losses = []
             h_prev = h
             for k, module in enumerate(self.model.mtp, start=1):
