@@ -185,7 +185,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     out.append(
         f"skipped: {'; '.join(report['skipped'])}.  took {report['seconds']:.0f} s; 1-min load average "
-        f"{report['load_average'][0]:.2f} at start, {report['load_average'][1]:.2f} at end"
+        f"{report['load_average'][0]:.2f} before the bench"
     )
     if report["load_average"][0] > BUSY_LOAD_AVERAGE:
         out.append(

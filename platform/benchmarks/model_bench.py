@@ -19,7 +19,8 @@ Every (implementation, dtype, mode) runs in its own worker process (``python -m
 raymoe.platform.benchmarks.model_bench --worker SPEC``), so the peak resident memory it reports
 (``VmHWM``) is its own. A worker may map at most ``memory_limit_mib`` (``RLIMIT_AS``), so running
 out of memory is a clean error, not the kernel's OOM killer; a failed worker is reported as such
-and the run goes on. Warmup steps are not timed.
+and the run goes on. Warmup steps are not timed; tokens/s is that of the median timed step (or
+generate call), and every timed step's seconds are in the report.
 
 MFU = model FLOPs per second ÷ the measured matmul rate of the dtype. Model FLOPs per trained
 token are :func:`raymoe.platform.info.train_flops_per_token` without MTP (6 × activated matrix
@@ -37,6 +38,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +70,9 @@ TERA = 1e12
 MEMORY_LIMIT_FRACTION = 0.75  # of the memory available when the bench starts, per worker
 WORKER_TIMEOUT_S = 900.0  # the slowest configuration (transformers eager, fp32) takes ~40 s on a quiet 2-core machine
 MATMUL_WARMUP_CALLS = 2
+# the rate is that of the best of several short windows: another process can only slow a window
+# down (on a busy machine one 0.5 s window read fp32 at 0.14 TFLOP/s, quiet ones 0.18)
+MATMUL_WINDOWS = 5
 
 
 @dataclass(kw_only=True)
@@ -82,9 +87,9 @@ class BenchOptions:
     train_steps: int = 5  # timed training steps
     prompt_len: int = 32
     decode_tokens: int = 64  # new tokens per generate call
-    decode_repeats: int = 3  # timed generate calls (after one untimed call)
+    decode_repeats: int = 5  # timed generate calls (after one untimed call); ~1 s each on the bench preset
     square_matmul_size: int = 2048
-    matmul_min_s: float = 0.5  # time each matmul shape for at least this long
+    matmul_min_s: float = 1.0  # time each matmul shape for at least this long, in MATMUL_WINDOWS windows
     worker_timeout_s: float = WORKER_TIMEOUT_S
     memory_limit_mib: int | None = None  # per worker; None = MEMORY_LIMIT_FRACTION of the memory available
 
@@ -190,6 +195,7 @@ def run_model_bench(
         logger.info("%s: %s", job.label, _brief(results[job]))
         if progress is not None:
             progress(job, results[job])
+    # 1-min load average before the bench and after it (the latter counts the bench's own threads)
     context = {"seconds": time.perf_counter() - start, "load_average": [load_start, os.getloadavg()[0]]}
     return summarize(cfg, opts, results, {**context, "memory_limit_mib": limit})
 
@@ -328,7 +334,8 @@ def _hf_model(cfg: RaymoeConfig, impl: str) -> torch.nn.Module:
 
 
 def _measure_matmuls(cfg: RaymoeConfig, opts: BenchOptions) -> dict[str, Any]:
-    """TFLOP/s of ``F.linear`` per dtype at a square and at the dense MLP's shape; the best per dtype."""
+    """TFLOP/s of ``F.linear`` per dtype at a square and at the dense MLP's shape (the best window of
+    each); the dtype's rate is the better shape's."""
     n = opts.square_matmul_size
     tokens = cfg.train.batch_size * cfg.train.seq_len
     shapes = {"square": (n, n, n), "model": (tokens, cfg.model.hidden_size, cfg.model.intermediate_size)}
@@ -339,11 +346,14 @@ def _measure_matmuls(cfg: RaymoeConfig, opts: BenchOptions) -> dict[str, Any]:
             w = torch.randn(nn, k, dtype=TORCH_DTYPES[dtype])
             for _ in range(MATMUL_WARMUP_CALLS):
                 F.linear(a, w)
-            calls, t0 = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - t0) < opts.matmul_min_s:
-                F.linear(a, w)
-                calls += 1
-            tflops = FLOPS_PER_MAC * m * k * nn * calls / elapsed / TERA
+            seconds_per_call = []
+            for _ in range(MATMUL_WINDOWS):
+                calls, t0 = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - t0) < opts.matmul_min_s / MATMUL_WINDOWS:
+                    F.linear(a, w)
+                    calls += 1
+                seconds_per_call.append(elapsed / calls)
+            tflops = FLOPS_PER_MAC * m * k * nn / min(seconds_per_call) / TERA
             out.append({"dtype": dtype, "name": name, "m": m, "k": k, "n": nn, "tflops": tflops})
             best[dtype] = max(best.get(dtype, 0.0), tflops)
     versions = {"torch": torch.__version__}
@@ -450,7 +460,7 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
         return {"ok": False, "error": f"{type(exc).__name__}: {text[:200]}"}
     return {
         "ok": True,
-        "tokens_per_s": tokens * len(seconds) / sum(seconds),
+        "tokens_per_s": tokens / statistics.median(seconds),  # the median resists another process's burst
         "seconds": seconds,
         "peak_mib": _memory_mib()[1],
         "base_mib": base_mib,

@@ -1,0 +1,99 @@
+"""``raymoe bench model``: the report's shape and arithmetic; timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raymoe.pipelines import cli
+from raymoe.pipelines.bench import format_table
+from raymoe.platform.benchmarks.model_bench import OURS, BenchOptions, Job, summarize
+from raymoe.platform.config import load_config
+
+REPORT_KEYS = {"train_speedup", "decode_speedup", "configs", "matmul_tflops", "peak_mib", "flops_per_token"}
+CONFIG_KEYS = [f"{mode}_{what}" for mode in ("train", "decode") for what in ("tokens_per_s", "mfu", "peak_mib")]
+
+
+def test_bench_model_quick_prints_a_table_and_a_json_last_line(tmp_path, capsys):
+    """Ours and transformers' eager experts, fp32, on the tiny preset: every number present and positive."""
+    out_file = tmp_path / "bench.json"
+    code = cli.main(["bench", "model", "--quick", "--json", "--no-progress", "--out", str(out_file)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    lines = stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert REPORT_KEYS <= report.keys()
+    assert json.loads(out_file.read_text()) == report
+    assert report["train_speedup"] > 0 and report["decode_speedup"] > 0
+    assert report["matmul_tflops"]["fp32"] > 0
+    assert [(c["impl"], c["dtype"]) for c in report["configs"]] == [(OURS, "fp32"), ("eager", "fp32")]
+    for config in report["configs"]:
+        for key in CONFIG_KEYS:
+            assert config[key] > 0, (config["impl"], key)
+        # each configuration ran in its own process: its peak is at least what it held before building a model
+        assert config["train_peak_mib"] >= config["train_base_mib"]
+    assert report["peak_mib"]["train"]["ours"] == report["configs"][0]["train_peak_mib"]
+    table = "\n".join(lines[:-1])
+    assert "train tok/s" in table and "hf eager" in table and "train speedup" in table
+
+
+@pytest.mark.parametrize(
+    "argv", [["--impls", "ours,nope"], ["--dtypes", "fp16"], ["--train-steps", "0"], ["--decode-tokens", "5000"]]
+)
+def test_bench_model_rejects_bad_options_before_running(argv, capsys):
+    assert cli.main(["bench", "model", "--quick", "--no-progress", *argv]) == 2
+    assert "configuration error" in capsys.readouterr().err
+
+
+def _ok(tokens_per_s: float, peak_mib: float) -> dict:
+    return {"ok": True, "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "base_mib": 100.0, "seconds": [1.0]}
+
+
+def test_summary_takes_fastest_of_each_side_and_reports_failures():
+    """Speedups are our fastest over transformers' fastest; a failed run is listed, not counted."""
+    opts = BenchOptions.quick()
+    opts.impls, opts.dtypes = (OURS, "eager", "batched_mm"), ("fp32", "bf16")
+    results = {Job("matmul"): {"ok": True, "tflops": {"fp32": 0.25, "bf16": 1.5}, "shapes": [], "threads": 2}}
+    speeds = {
+        (OURS, "fp32"): (300.0, 40.0),
+        (OURS, "bf16"): (900.0, 30.0),
+        ("eager", "fp32"): (450.0, 20.0),
+        ("eager", "bf16"): (400.0, 10.0),
+    }
+    for (impl, dtype), (train, decode) in speeds.items():
+        results[Job("train", impl, dtype)] = _ok(train, 2000.0 + train)
+        results[Job("decode", impl, dtype)] = _ok(decode, 500.0 + decode)
+    for dtype in opts.dtypes:
+        results[Job("train", "batched_mm", dtype)] = {"ok": False, "error": "out of memory (limit 100 MiB)"}
+        results[Job("decode", "batched_mm", dtype)] = _ok(5.0, 400.0)
+    report = summarize(load_config("tiny"), opts, results, {"seconds": 1.0, "load_average": [0.0, 0.0]})
+
+    assert report["train_speedup"] == pytest.approx(900.0 / 450.0)
+    assert report["decode_speedup"] == pytest.approx(40.0 / 20.0)
+    assert report["fastest"]["train"] == {"ours": "ours bf16", "transformers": "eager fp32"}
+    assert report["peak_mib"]["train"] == {"ours": 2900.0, "transformers": 2450.0}
+    by_name = {(c["impl"], c["dtype"]): c for c in report["configs"]}
+    assert by_name[("batched_mm", "bf16")]["train_tokens_per_s"] is None
+    assert "out of memory" in by_name[("batched_mm", "bf16")]["train_error"]
+    # MFU: tokens/s × FLOPs per token ÷ the dtype's measured rate
+    ours_bf16 = by_name[(OURS, "bf16")]
+    assert ours_bf16["train_mfu"] == pytest.approx(900.0 * report["flops_per_token"]["train"] / 1.5e12)
+    table = format_table(report)
+    assert "batched_mm bf16 train: out of memory" in table
+    assert "train speedup: 2.00x" in table
+
+
+def test_summary_without_a_transformers_result_has_no_speedup():
+    opts = BenchOptions.quick()
+    results = {
+        Job("matmul"): {"ok": False, "error": "boom"},
+        Job("train", OURS, "fp32"): _ok(100.0, 300.0),
+        Job("decode", OURS, "fp32"): _ok(10.0, 200.0),
+        Job("train", "eager", "fp32"): {"ok": False, "error": "timed out after 1 s"},
+        Job("decode", "eager", "fp32"): {"ok": False, "error": "timed out after 1 s"},
+    }
+    report = summarize(load_config("tiny"), opts, results, {"seconds": 1.0, "load_average": [0.0, 0.0]})
+    assert report["train_speedup"] is None and report["decode_speedup"] is None
+    assert report["configs"][0]["train_mfu"] is None  # no measured rate to divide by
+    assert "train speedup: n/a" in format_table(report)
