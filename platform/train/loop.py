@@ -115,6 +115,8 @@ def pretrain(
     tracker.start(flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": "local"})
     tokenizer = data_dir / TOKENIZER_FILE
     extra = [tokenizer] if tokenizer.is_file() else []
+    if extra and trainer.step == 0:
+        tracker.log_artifact(tokenizer)
 
     def checkpoint() -> Path:
         state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}

@@ -80,6 +80,7 @@ def test_run_contents_in_mlflow(tiny_data: Path, tmp_path: Path) -> None:
     assert len(client.get_metric_history(result.run_id, "loss")) == 6
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert artifacts == {"plots/loss_curve.png", "plots/expert_load_heatmap.png"}
+    assert "tokenizer.json" in {a.path for a in client.list_artifacts(result.run_id)}
     assert run.data.tags["checkpoint"] == str(result.checkpoint)
 
 
