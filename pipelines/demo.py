@@ -4,6 +4,9 @@ minutes with MLflow tracking, then sample from the checkpoint."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -52,9 +55,19 @@ def _main(args: argparse.Namespace) -> int:
     print("--- end of sample ---\n")
     print(f"done in {time.perf_counter() - t0:.0f} s")
     print(f"checkpoint (Hugging Face layout, with tokenizer.json): {result.checkpoint}")
+    prog = _command_name()
     print(f"MLflow run {result.run_id} in {resolve_tracking_uri(cfg.tracking.uri)}")
-    print("  see it: raymoe ui   (then open http://127.0.0.1:5000)")
+    print(f"  see it: {prog} ui   (then open http://127.0.0.1:5000)")
     if result.tracking_warning:
         print(f"  tracking: {result.tracking_warning}")
-    print(f"sample more: raymoe generate --checkpoint {result.checkpoint} --prompt 'import os'")
+    print(f"sample more: {prog} generate --checkpoint {result.checkpoint} --prompt 'import os'")
     return 0
+
+
+def _command_name() -> str:
+    """``raymoe`` when it is on PATH, else the path this command was started by (``.venv/bin/raymoe``)."""
+    started = Path(sys.argv[0])
+    on_path = shutil.which("raymoe")
+    if on_path and Path(on_path).resolve() == started.resolve():
+        return "raymoe"
+    return os.path.relpath(started) if started.name == "raymoe" else "raymoe"
