@@ -16,8 +16,8 @@ from raymoe.platform.checkpoint.hf import (
     load_hf_checkpoint_into,
     load_state_dict_from_hf,
     read_headers,
-    save_hf_checkpoint,
 )
+from raymoe.platform.checkpoint.hf_save import save_hf_checkpoint
 
 __all__ = [
     "FP8_BLOCK", "FP8_E4M3_MAX", "CheckpointError", "TensorInfo", "checkpoint_name", "dequantize_fp8_activation",

@@ -10,8 +10,6 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")  # ids 0, 1, 2: the model config's bos/eos defaults
@@ -36,12 +34,6 @@ def stdlib_files(max_bytes: int | None = None) -> list[Path]:
     return out
 
 
-def read_texts(files: list[Path]) -> Iterator[str]:
-    """The text of each file (UTF-8; undecodable bytes replaced)."""
-    for p in files:
-        yield p.read_text(encoding="utf-8", errors="replace")
-
-
 def train_tokenizer(texts: Iterator[str], vocab_size: int, path: Path | None = None):
     """Train a byte-level BPE (``tokenizers``) of ``vocab_size`` ids; save it as ``tokenizer.json`` at ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,35 +52,3 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, path: Path | None = N
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(path))
     return tokenizer
-
-
-def encode_documents(tokenizer, texts: list[str], eos_id: int) -> torch.Tensor:
-    """Concatenate the documents' token ids, each followed by ``eos_id``: [N] int32."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(texts):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    return torch.tensor(ids, dtype=torch.int32)
-
-
-class PackedTokens:
-    """Random fixed-length windows of one token stream, reproducible from a seed.
-
-    Args:
-        ids: the token stream [N].
-        seq_len: S; a window is S + 1 tokens (inputs and next-token labels).
-        seed: seed of the window order.
-    """
-
-    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int = 0) -> None:
-        if ids.numel() <= seq_len + 1:
-            raise ValueError(f"corpus has {ids.numel()} tokens, fewer than one sequence of {seq_len + 1}")
-        self.ids = ids.long()
-        self.seq_len = seq_len
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids [B, S], labels [B, S])."""
-        starts = torch.randint(0, self.ids.numel() - self.seq_len - 1, (batch_size,), generator=self.generator)
-        windows = torch.stack([self.ids[s : s + self.seq_len + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]

@@ -16,6 +16,7 @@ from raymoe.platform.checkpoint import (
     CheckpointError,
     dequantize_fp8_activation,
     dequantize_fp8_blockwise,
+    hf_save,
     load_hf_checkpoint,
     load_hf_checkpoint_into,
     load_state_dict_from_hf,
@@ -453,7 +454,7 @@ def test_save_is_atomic_and_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise OSError("disk full")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(hf_ckpt, "save_file", crash_on_second_shard)
+    monkeypatch.setattr(hf_save, "save_file", crash_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(first, path, max_shard_bytes=SMALL_SHARD_BYTES)
     assert sorted(os.listdir(path.parent)) == ["ckpt"]  # the partial write is gone

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from raymoe.platform.config import load_config
-from raymoe.platform.data.corpus import PackedTokens
 from raymoe.platform.train.optim import cosine_lr
 from raymoe.platform.train.trainer import LocalTrainer
 
@@ -31,8 +30,13 @@ def test_two_micro_batches_equal_one_batch() -> None:
 def test_loss_decreases_on_a_learnable_stream() -> None:
     cfg = load_config("tiny", ["train.steps=25", "train.lr=3e-3"])
     trainer = LocalTrainer(cfg)
-    data = PackedTokens(torch.arange(2000) % 37, seq_len=32, seed=1)  # a periodic, learnable stream
-    losses = [trainer.train_step([data.batch(4)]).loss for _ in range(25)]
+    stream = torch.arange(2000) % 37  # a periodic, learnable token stream
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(25):
+        starts = torch.randint(0, 2000 - 33, (4,), generator=gen).tolist()
+        windows = torch.stack([stream[s : s + 33] for s in starts])
+        losses.append(trainer.train_step([(windows[:, :-1], windows[:, 1:])]).loss)
     assert losses[-1] < losses[0] * 0.7
     assert trainer.step == 25
 
