@@ -1,0 +1,1 @@
+"""Ray actors (AttentionStage, ExpertShard), placement and the driver: the actor-graph issue."""

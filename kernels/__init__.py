@@ -1,0 +1,1 @@
+"""Triton kernels beside their torch references, and the dispatch that picks one: the kernels issue."""
