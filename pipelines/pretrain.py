@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _main(args: argparse.Namespace) -> int:
             cfg, data_dir, args.output, resume=args.resume, progress=not args.no_progress, run_name=args.run_name
         )
     except (DataError, ResumeError, ConfigError) as exc:
-        print(f"raymoe pretrain: {exc}")
+        print(f"raymoe pretrain: {exc}", file=sys.stderr)
         return 2
     print(
         f"trained to step {result.steps} in {time.perf_counter() - t0:.0f} s: loss {result.first_loss:.3f} -> "
