@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# oneDNN keeps a primitive (with its packed weights) per GEMM shape, up to 1024 of them; the MoE
+# expert GEMMs change shape every step, so on the bench preset that cache added ~350 MB to the
+# bf16 training peak (3,070 -> 2,728 MiB with 16) at no measured speed cost. Set before torch
+# creates any primitive; a value the user set wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "demo", "experiment", "bench", "ui")
 
