@@ -41,6 +41,9 @@ def _main(args: argparse.Namespace) -> int:
     ensure_default_data(data_dir, cfg)
     print(f"raymoe demo: 2. pretraining the 'small' preset: {cfg.train.steps} steps of {cfg.train.batch_size}×"
           f"{cfg.train.seq_len} tokens in {cfg.train.dtype}, one process, tracked in MLflow")  # fmt: skip
+    stale = output / "checkpoints"
+    if stale.is_dir():  # the demo starts afresh: an earlier demo's checkpoints would mislead --resume
+        shutil.rmtree(stale)
     result = pretrain(cfg, data_dir, output, run_name="demo")
     print(
         f"trained {len(result.losses)} steps: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, validation "
