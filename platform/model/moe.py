@@ -134,15 +134,15 @@ class Experts(nn.Module):
         # per-expert views by unbind: indexing ``w[e]`` would make backward add a zero-padded
         # [E, ...] gradient per expert (measured: 60 % of a bench-preset training step)
         w13s, w2s = w13.unbind(0), w2.unbind(0)
-        outs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            rows = x_sorted[start : start + n]
-            gate, up = F.linear(rows, w13s[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w2s[e]))
-            start += n
+        sizes = counts.tolist()
+        # split, not slicing: the backward of each slice would zero-fill a full [M, D] gradient
+        # (measured by the torch profiler: over half of a float32 step's self time)
+        outs = [
+            F.linear(F.silu(gate) * up, w2s[e])
+            for e, rows in enumerate(x_sorted.split(sizes))
+            if sizes[e]
+            for gate, up in [F.linear(rows, w13s[e]).chunk(2, dim=-1)]
+        ]
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
