@@ -88,15 +88,20 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, D], idx/weights [N, K] -> sum_k weights[:, k] · expert_{idx[:, k]}(x)  [N, D]."""
+    def forward(
+        self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, D], idx/weights [N, K] -> sum_k weights[:, k] · expert_{idx[:, k]}(x)  [N, D].
+
+        counts [E]: tokens per expert in idx, when the caller has them already."""
         N, K = idx.shape
         if N == 1 and not (torch.is_grad_enabled() and self.gate_up_proj.requires_grad):
             return self._one_token(x, idx[0], weights[0])
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
         token = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        if counts is None:
+            counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
         y = self.run_grouped(x.index_select(0, token), counts)  # [N*K, D]; backward is an index_add
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
@@ -137,12 +142,11 @@ class Experts(nn.Module):
         sizes = counts.tolist()
         # split, not slicing: the backward of each slice would zero-fill a full [M, D] gradient
         # (measured by the torch profiler: over half of a float32 step's self time)
-        outs = [
-            F.linear(F.silu(gate) * up, w2s[e])
-            for e, rows in enumerate(x_sorted.split(sizes))
-            if sizes[e]
-            for gate, up in [F.linear(rows, w13s[e]).chunk(2, dim=-1)]
-        ]
+        outs = []
+        for e, rows in enumerate(x_sorted.split(sizes)):
+            if sizes[e]:
+                gate, up = F.linear(rows, w13s[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
@@ -193,12 +197,11 @@ class MoE(nn.Module):
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         weights, idx, scores = self.gate(flat)
+        counts = None
         if self.count_loads or (self.count_loads is None and self.training):
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.n_experts).to(
-                    self.tokens_per_expert.dtype
-                )
-        y = self.experts(flat, idx, weights).view(B, S, D)
+            counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)  # [E], reused by the experts
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        y = self.experts(flat, idx, weights, counts).view(B, S, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         aux = None
