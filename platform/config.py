@@ -96,6 +96,7 @@ class ParallelConfig:
     micro_batches: int = 1
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
+    timeout_s: float = 300.0  # the longest the driver waits on the actors for one step (then: an error)
 
 
 @dataclass(kw_only=True)
@@ -190,6 +191,16 @@ def load_config(preset: str = "small", overrides: list[str] | None = None) -> Ra
                     raise ConfigError(f"override {item!r} is not of the form section.field=value")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RaymoeConfig:
+    """The inverse of :func:`config_to_dict` (a checkpoint's config), validated."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RaymoeConfig), d))
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
     validate(cfg)
@@ -300,6 +311,7 @@ def validate(cfg: RaymoeConfig) -> None:
     p = cfg.parallel
     _positive("parallel", p, ("dp", "pp", "ep", "micro_batches"))
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
+    _positive("parallel", p, ("timeout_s",))
     if p.pp > cfg.model.num_hidden_layers:
         raise ConfigError(f"parallel.pp ({p.pp}) is more than model.num_hidden_layers ({cfg.model.num_hidden_layers})")
     if p.ep > cfg.model.n_routed_experts:

@@ -224,3 +224,49 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float)
     f = counts * (E / (K * S))  # [B, E]
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
     return alpha * (f * p).sum(dim=-1).mean()
+
+
+# -- the MoE cut across actors: dispatch on the attention stage, experts on the shards ----------
+
+
+def dispatch_rows(
+    idx: torch.Tensor, weights: torch.Tensor, expert_shard: torch.Tensor, expert_local: torch.Tensor, n_shards: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Which token rows go to which expert shard, each row once per shard with the experts it chose there.
+
+    idx/weights [N, K] (the gate's choice), expert_shard/expert_local [E] (an expert's shard and
+    its index there). Returns per shard ``(rows [n], local_ids [n, K], w [n, K])``: the rows that
+    chose at least one expert on the shard, the local expert of each choice (-1 where the choice
+    is on another shard) and its gate weight (0 there; differentiable).
+    """
+    shard = expert_shard[idx]  # [N, K]
+    local = expert_local[idx]
+    out = []
+    for k in range(n_shards):
+        here = shard == k
+        rows = here.any(dim=1).nonzero().squeeze(1)
+        mask = here.index_select(0, rows)
+        local_ids = torch.where(mask, local.index_select(0, rows), -1)
+        w = weights.index_select(0, rows) * mask
+        out.append((rows, local_ids, w))
+    return out
+
+
+def experts_on_rows(experts: Experts, x: torch.Tensor, local_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An expert shard's output: per row, sum over its chosen local experts j of w_j · expert_j(x).
+
+    x [n, D], local_ids/w [n, K] as :func:`dispatch_rows` gives them -> [n, D] (x's dtype).
+    """
+    n, K = local_ids.shape
+    flat = local_ids.reshape(-1)
+    pairs = (flat >= 0).nonzero().squeeze(1)
+    ids = flat.index_select(0, pairs)
+    order = ids.argsort(stable=True)  # (row, choice) pairs grouped by expert
+    pairs = pairs.index_select(0, order)
+    token = pairs // K
+    counts = torch.bincount(ids, minlength=experts.n_experts)
+    if pairs.numel() == 0:
+        return x * 0  # keeps the graph (and a zero gradient) for a shard that got no rows
+    y = experts.run_grouped(x.index_select(0, token), counts)
+    y = y * w.reshape(-1).index_select(0, pairs).unsqueeze(-1).to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))

@@ -8,6 +8,7 @@ layer ``num_hidden_layers + K``; ``raymoe.platform.checkpoint`` maps the two).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -128,16 +129,16 @@ class DeepseekV3(nn.Module):
     # -- construction -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases."""
-        std = self.cfg.initializer_range
+    def init_weights(self, seed: int | torch.Generator = 0) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases.
+
+        Every tensor (every expert of a stacked expert tensor) draws from its own generator,
+        seeded by ``seed`` and its name, so a part of the model built elsewhere (an actor's
+        stage or expert shard) gets exactly the same values (:func:`init_parameter_`)."""
+        if isinstance(seed, torch.Generator):
+            seed = seed.initial_seed()
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter_(name, p, self.cfg.initializer_range, seed)
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
 
@@ -215,12 +216,12 @@ class DeepseekV3(nn.Module):
             h_prev = h
             for k, module in enumerate(self.model.mtp, start=1):
                 # position i combines h^{k-1}_i with Emb(t_{i+k}) = Emb(labels[i+k-1]) and predicts labels[i+k]
-                next_tokens = _shift_left(labels, k - 1, fill=0).clamp_min(0)
+                next_tokens = mtp_input_tokens(labels, k)
                 h_k = module.combine(h_prev, self.model.embed_tokens(next_tokens))
                 h_k, a = module(h_k, cos, sin)
                 if a is not None:
                     aux.append(a)
-                target = _shift_left(labels, k, fill=IGNORE_INDEX)
+                target = mtp_targets(labels, k)
                 logits = self.lm_head(module.shared_head.norm(h_k)).float()
                 losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX))
                 h_prev = h_k
@@ -238,6 +239,35 @@ class DeepseekV3(nn.Module):
         return LatentCache(self.cfg, self.num_cache_layers, batch_size, max_len, dtype or param.dtype, param.device)
 
 
+def _param_seed(seed: int, key: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+@torch.no_grad()
+def init_parameter_(
+    name: str, p: torch.Tensor, std: float, seed: int, expert_ids: list[int] | None = None
+) -> None:
+    """Initialize parameter ``name`` (its DeepseekV3 state-dict name) in place, independent of the rest.
+
+    Norm weights are ones, biases zeros, other tensors Normal(0, std) from a generator seeded by
+    (``seed``, ``name``). A stacked expert tensor ``...experts.gate_up_proj`` [n, ...] draws each
+    expert from its own generator, keyed by the expert's id (``expert_ids[i]``, default ``i``),
+    so an expert shard holding experts 11..21 initializes them as the whole model would.
+    """
+    if name.endswith("norm.weight") or "layernorm" in name:
+        p.fill_(1.0)
+    elif name.endswith(".bias"):
+        p.zero_()
+    elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        ids = expert_ids if expert_ids is not None else range(p.shape[0])
+        for row, e in zip(p, ids):
+            gen = torch.Generator().manual_seed(_param_seed(seed, f"{name}.{e}"))
+            row.copy_(torch.empty(row.shape).normal_(0.0, std, generator=gen))
+    else:
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+
+
 def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     """x [B, S] shifted left by k along S, the last k positions set to ``fill``."""
     if k == 0:
@@ -245,3 +275,72 @@ def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     out = torch.full_like(x, fill)
     out[:, :-k] = x[:, k:]
     return out
+
+
+def mtp_input_tokens(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The tokens whose embeddings MTP depth k (1-based) combines: t_{i+k} = labels[i+k-1] (0 past the end)."""
+    return _shift_left(labels, k - 1, fill=0).clamp_min(0)
+
+
+def mtp_targets(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """What MTP depth k predicts at position i: t_{i+k+1} = labels[i+k] (ignored past the end)."""
+    return _shift_left(labels, k, fill=IGNORE_INDEX)
+
+
+def moe_prefix(layer: int, num_hidden_layers: int) -> str:
+    """State-dict prefix of MoE layer ``layer`` (an MTP module's layer is ``num_hidden_layers + k``)."""
+    if layer >= num_hidden_layers:
+        return f"model.mtp.{layer - num_hidden_layers}.mlp"
+    return f"model.layers.{layer}.mlp"
+
+
+class StageModel(nn.Module):
+    """The non-expert part of layers [start, end) of a :class:`DeepseekV3`, for an attention stage.
+
+    It holds those layers' attention, norms, dense MLPs, gates (with their biases) and shared
+    experts, but not their routed experts; the embedding when ``first``; the final norm, the
+    output head and the MTP modules when ``last``. Parameter names are the full model's
+    (``model.layers.3.self_attn.q_a_proj.weight``), and ``init_weights`` gives them the values
+    the full model's ``init_weights`` would.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, start: int, end: int, first: bool, last: bool, seq_aux_alpha: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.start, self.end, self.first, self.last = start, end, first, last
+        with torch.device("meta"):  # the routed experts are dropped before any memory is allocated
+            self.model = nn.Module()
+            if first:
+                self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.model.layers = nn.ModuleDict(
+                {str(i): Block(cfg, i, moe=i >= cfg.first_k_dense_replace, seq_aux_alpha=seq_aux_alpha)
+                 for i in range(start, end)}
+            )  # fmt: skip
+            if last:
+                self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+                self.model.mtp = nn.ModuleDict(
+                    {str(k): MTPModule(cfg, cfg.num_hidden_layers + k, seq_aux_alpha)
+                     for k in range(cfg.num_nextn_predict_layers)}
+                )  # fmt: skip
+                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for block in self.blocks():
+            if isinstance(block.mlp, MoE):
+                block.mlp.experts = None
+        self.to_empty(device="cpu")
+        for block in self.blocks():
+            if isinstance(block.mlp, MoE):
+                block.mlp.gate.e_score_correction_bias.zero_()
+                block.mlp.tokens_per_expert.zero_()
+        self.model.rotary_emb = RotaryEmbedding(cfg)
+
+    def blocks(self) -> list[Block]:
+        """The decoder layers, then the MTP modules."""
+        mtp = list(self.model.mtp.values()) if self.last else []
+        return list(self.model.layers.values()) + mtp
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        for name, p in self.named_parameters():
+            init_parameter_(name, p, self.cfg.initializer_range, seed)

@@ -55,9 +55,8 @@ def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractCon
 
 def build_model(cfg: RaymoeConfig, device: torch.device | str = "cpu") -> DeepseekV3:
     """A freshly initialized model of ``cfg.model`` (seeded by ``cfg.train.seed``), float32."""
-    gen = torch.Generator().manual_seed(cfg.train.seed)
     model = DeepseekV3(cfg.model, seq_aux_alpha=cfg.train.seq_aux_alpha)
-    model.init_weights(gen)
+    model.init_weights(cfg.train.seed)
     return model.to(device)
 
 
