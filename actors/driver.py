@@ -193,7 +193,8 @@ class GraphTrainer:
         if self.dp > 1 and not in_process:
             self._init_collectives()
         self.moe_by_stage = [
-            [layer for layer in self.placement.moe_layers if self.placement.stage_of(layer) == s] for s in range(self.pp)
+            [layer for layer in self.placement.moe_layers if self.placement.stage_of(layer) == s]
+            for s in range(self.pp)
         ]
         self.mtp_across_stages = self.pp > 1 and cfg.model.num_nextn_predict_layers > 0 and cfg.train.mtp_lambda > 0
         self.timings: dict[str, float] = {}
@@ -212,6 +213,14 @@ class GraphTrainer:
             return ["ColocatedStage(whole model)"]
         return [f"AttentionStage(replica {r}, stage {s})" for r in range(self.dp) for s in range(self.pp)] + [
             f"ExpertShard({k})" for k in range(self.ep)
+        ]
+
+    def actor_keys(self) -> list[str]:
+        """Short names of the actors for metrics: ``stage_r0_s1``, ``shard_2``."""
+        if self.colocated:
+            return ["colocated"]
+        return [f"stage_r{r}_s{s}" for r in range(self.dp) for s in range(self.pp)] + [
+            f"shard_{k}" for k in range(self.ep)
         ]
 
     def _label(self, actor: Any, label: str) -> None:
@@ -237,7 +246,10 @@ class GraphTrainer:
             group = [self.stages[r][s] for r in range(self.dp)]
             addr, port = self._get(self.rt.call(group[0], "node_address"), what="collective setup")[0]
             self._get(
-                [self.rt.call(a, "setup", addr, port, self.dp, r, self.cfg.parallel.timeout_s)[0] for r, a in enumerate(group)],
+                [
+                    self.rt.call(a, "setup", addr, port, self.dp, r, self.cfg.parallel.timeout_s)[0]
+                    for r, a in enumerate(group)
+                ],
                 what=f"the gradient all-reduce group of stage {s}",
             )
 
@@ -293,7 +305,10 @@ class GraphTrainer:
             t0 = time.perf_counter()
             m = self._get(self.rt.call(self.local, "train_step", self.rt.put(micro_batches)), what="the step")[0]
             self.step += 1
-            self.timings = {"ColocatedStage(whole model).compute_s": m.seconds, "step_s": time.perf_counter() - t0}
+            seconds = time.perf_counter() - t0
+            self.timings = {"graph/step_s": seconds, "compute_s/colocated": m.seconds,
+                            "wait_s/colocated": max(seconds - m.seconds, 0.0)}  # fmt: skip
+            m.extra.update(self.timings)
             return m
         t0 = time.perf_counter()
         tc = self.cfg.train
@@ -308,7 +323,9 @@ class GraphTrainer:
         if self.dp > 1 and isinstance(self.rt, _InProcess):
             _sum_replica_grads(self.stages)
         t_submit = time.perf_counter()
-        reports = self._get([self.rt.call(a, "finish")[0] for a in self.actors()], what="the step's forward and backward")
+        reports = self._get(
+            [self.rt.call(a, "finish")[0] for a in self.actors()], what="the step's forward and backward"
+        )
         t_wait = time.perf_counter()
         stage_reports = reports[: self.dp * self.pp]
         shard_reports = reports[self.dp * self.pp :]
@@ -336,12 +353,14 @@ class GraphTrainer:
         aux = sum(rep["aux"] for rep in stage_reports) / n if self.cfg.train.seq_aux_alpha > 0 else None
         loss = main + (tc.mtp_lambda * mtp if mtp is not None else 0.0) + (aux or 0.0)
         seconds = time.perf_counter() - t0
-        self.timings = {"step_s": seconds, "submit_s": t_submit - t0, "wait_s": t_wait - t_submit,
-                        "update_s": time.perf_counter() - t_wait}  # fmt: skip
-        for label, rep in zip(self.actor_labels(), reports):
-            self.timings[f"{label}.compute_s"] = rep["compute_s"]
+        self.timings = {"graph/step_s": seconds, "graph/submit_s": t_submit - t0, "graph/wait_s": t_wait - t_submit,
+                        "graph/update_s": time.perf_counter() - t_wait}  # fmt: skip
+        for key, rep in zip(self.actor_keys(), reports):
+            # an actor's wait: the part of the step it spent not computing (waiting on others, transfers)
+            self.timings[f"compute_s/{key}"] = rep["compute_s"]
+            self.timings[f"wait_s/{key}"] = max(seconds - rep["compute_s"], 0.0)
         for k, rep in enumerate(shard_reports):
-            self.timings[f"ExpertShard({k}).tokens"] = rep["tokens"]
+            self.timings[f"tokens/shard_{k}"] = rep["tokens"]
         metrics = StepMetrics(
             step=self.step,
             loss=loss,
@@ -367,7 +386,9 @@ class GraphTrainer:
     def _biases_for(self, stage: int | None) -> dict[int, torch.Tensor]:
         if stage is None:
             return {}
-        return {layer: self.biases[self.placement.moe_layers.index(layer)].clone() for layer in self.moe_by_stage[stage]}
+        return {
+            layer: self.biases[self.placement.moe_layers.index(layer)].clone() for layer in self.moe_by_stage[stage]
+        }
 
     def _moe_run(self, stage: int, train: bool) -> list[int]:
         """The MoE layers stage ``stage`` runs: the MTP modules' only when training with mtp_lambda > 0."""
@@ -391,16 +412,28 @@ class GraphTrainer:
                     if s == 0 and train and self.mtp_across_stages:
                         emb[(r, key)] = rt.call(st, "mtp_embed", key, batch)[0]
                     mtp = emb.get((r, key)) if s == self.pp - 1 else None
-                    outs[(r, key)] = rt.call(st, "forward_begin", key, batch, carry.get((r, key)), mtp, scale, train, n=ep + 2)
+                    outs[(r, key)] = rt.call(
+                        st, "forward_begin", key, batch, carry.get((r, key)), mtp, scale, train, n=ep + 2
+                    )
             for layer in self._moe_run(s, train):
                 for group in groups:
                     skey = group[0][1]
                     shard_outs = [
-                        rt.call(self.shards[k], "forward", layer, skey, train, *[outs[(r, key)][k] for r, key in group], n=len(group))
+                        rt.call(
+                            self.shards[k],
+                            "forward",
+                            layer,
+                            skey,
+                            train,
+                            *[outs[(r, key)][k] for r, key in group],
+                            n=len(group),
+                        )
                         for k in range(ep)
                     ]
                     for i, (r, key) in enumerate(group):
-                        outs[(r, key)] = rt.call(self.stages[r][s], "forward_resume", key, *[so[i] for so in shard_outs], n=ep + 2)
+                        outs[(r, key)] = rt.call(
+                            self.stages[r][s], "forward_resume", key, *[so[i] for so in shard_outs], n=ep + 2
+                        )
             carry = {rk: o[ep] for rk, o in outs.items()}
 
     def _backward(self, groups: list[list[tuple[int, Any]]]) -> None:
@@ -416,11 +449,20 @@ class GraphTrainer:
                 for group in groups:
                     skey = group[0][1]
                     shard_grads = [
-                        rt.call(self.shards[k], "backward", layer, skey, *[outs[(r, key)][k] for r, key in group], n=len(group))
+                        rt.call(
+                            self.shards[k],
+                            "backward",
+                            layer,
+                            skey,
+                            *[outs[(r, key)][k] for r, key in group],
+                            n=len(group),
+                        )
                         for k in range(ep)
                     ]
                     for i, (r, key) in enumerate(group):
-                        outs[(r, key)] = rt.call(self.stages[r][s], "backward_resume", key, *[sg[i] for sg in shard_grads], n=ep + 2)
+                        outs[(r, key)] = rt.call(
+                            self.stages[r][s], "backward_resume", key, *[sg[i] for sg in shard_grads], n=ep + 2
+                        )
             grad = {rk: o[ep] for rk, o in outs.items()}
             if s == self.pp - 1 and self.mtp_across_stages:
                 mtp_grad = {rk: o[ep + 1] for rk, o in outs.items()}
@@ -462,7 +504,10 @@ class GraphTrainer:
             else:
                 calls = [self.rt.call(self.stages[0][s], "save", writing, f"stage-{s:02d}.safetensors")[0]
                          for s in range(self.pp)]  # fmt: skip
-                calls += [self.rt.call(a, "save", writing, f"experts-{k:02d}.safetensors")[0] for k, a in enumerate(self.shards)]
+                calls += [
+                    self.rt.call(a, "save", writing, f"experts-{k:02d}.safetensors")[0]
+                    for k, a in enumerate(self.shards)
+                ]
             written = self._get(calls, what="writing a checkpoint")
             weight_map = {name: file for file, names in written for name in names}
             self._write_extras(writing, extra_files or [])
@@ -522,7 +567,10 @@ def _biases_from(path: str, placement: Placement, cfg: RaymoeConfig) -> torch.Te
     from raymoe.platform.checkpoint.training import read_training_tensors
     from raymoe.platform.model.transformer import moe_prefix
 
-    names = [f"{moe_prefix(layer, cfg.model.num_hidden_layers)}.gate.e_score_correction_bias" for layer in placement.moe_layers]
+    names = [
+        f"{moe_prefix(layer, cfg.model.num_hidden_layers)}.gate.e_score_correction_bias"
+        for layer in placement.moe_layers
+    ]
     tensors = read_training_tensors(path, names, cfg.model)
     if not names:
         return torch.zeros(0, cfg.model.n_routed_experts)

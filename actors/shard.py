@@ -109,7 +109,10 @@ class ExpertShard:
         if out.requires_grad and out.numel():
             torch.autograd.backward([out], [torch.cat(grads).to(out.dtype)])
         result = [
-            (x.grad if x.grad is not None else torch.zeros_like(x), w.grad if w.grad is not None else torch.zeros_like(w))
+            (
+                x.grad if x.grad is not None else torch.zeros_like(x),
+                w.grad if w.grad is not None else torch.zeros_like(w),
+            )
             for x, w in zip(xs, ws)
         ]
         self.compute_s += time.perf_counter() - t0
@@ -166,9 +169,7 @@ class ExpertShard:
                 one = expert_name(name, e)
                 wanted.append(one)
                 wanted += [f"{OPTIMIZER_PREFIX}{one}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")]
-        tensors = read_training_tensors(
-            path, wanted, self.cfg.model, optional=lambda n: n.startswith(OPTIMIZER_PREFIX)
-        )
+        tensors = read_training_tensors(path, wanted, self.cfg.model, optional=lambda n: n.startswith(OPTIMIZER_PREFIX))
         optim = {}
         with torch.no_grad():
             for name, p in self.params:

@@ -14,7 +14,6 @@ Every method returns plain tensors and dicts, so the class also runs without Ray
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -256,9 +255,7 @@ class AttentionStage(_Collective):
                 fl.segments[-1].out = h
             return h.detach()
         h = m.model.norm(h)
-        main = F.cross_entropy(
-            m.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        main = F.cross_entropy(m.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         tokens = int((labels != IGNORE_INDEX).sum())
         if not fl.train:
             self.eval_loss_sum += main.item() * tokens
@@ -277,7 +274,9 @@ class AttentionStage(_Collective):
                 h_k = module.combine(h_prev, emb)
                 h_k = yield from self._block(fl, module, h_k, cos_m, sin_m)
                 logits = m.lm_head(module.shared_head.norm(h_k)).float()
-                loss_k = F.cross_entropy(logits.flatten(0, 1), mtp_targets(labels, k).flatten(), ignore_index=IGNORE_INDEX)
+                loss_k = F.cross_entropy(
+                    logits.flatten(0, 1), mtp_targets(labels, k).flatten(), ignore_index=IGNORE_INDEX
+                )
                 fl.segments[-1].losses.append(loss_k * (lam / depth * fl.scale))
                 losses.append(loss_k.item())
                 h_prev = h_k
@@ -335,7 +334,9 @@ class AttentionStage(_Collective):
 
         def run() -> torch.Tensor:
             emb = self.module.model.embed_tokens
-            return torch.stack([emb(mtp_input_tokens(labels, k)) for k in range(1, self.cfg.model.num_nextn_predict_layers + 1)])
+            return torch.stack(
+                [emb(mtp_input_tokens(labels, k)) for k in range(1, self.cfg.model.num_nextn_predict_layers + 1)]
+            )
 
         with torch.enable_grad():
             out = self._timed(run)
@@ -456,7 +457,9 @@ class AttentionStage(_Collective):
         from raymoe.platform.checkpoint.training import read_training_tensors
 
         state_names = list(self.module.state_dict())
-        wanted = state_names + [f"{OPTIMIZER_PREFIX}{n}.{k}" for n, _ in self.params for k in ("exp_avg", "exp_avg_sq", "step")]
+        wanted = state_names + [
+            f"{OPTIMIZER_PREFIX}{n}.{k}" for n, _ in self.params for k in ("exp_avg", "exp_avg_sq", "step")
+        ]
         tensors = read_training_tensors(path, wanted, self.cfg.model, optional=lambda n: n.startswith(OPTIMIZER_PREFIX))
         missing = [n for n in state_names if n not in tensors]
         if missing:

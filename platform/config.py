@@ -117,6 +117,7 @@ class TrainConfig:
     bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free bias rule
     bias_update_speed_final: float | None = None  # gamma at the last step (linear ramp); None = constant
     seq_aux_alpha: float = 0.0  # sequence-wise balance loss weight; 0 = off
+    checkpoint_uri: str = ""  # where checkpoints go: a path or pyarrow URI (s3://...); default: the run's output
     dtype: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 matmuls, fp32 master weights)
     seed: int = 0
     log_every: int = 10

@@ -279,6 +279,8 @@ class Tracker:
         values.update({f"maxvio/layer_{i}": v for i, v in enumerate(max_vio_L.tolist())})
         if max_vio_L.size:
             values["maxvio/mean"] = float(max_vio_L.mean())
+        # the actor graph's per-actor compute/wait seconds and per-shard token counts
+        values.update({k: float(v) for k, v in metrics.extra.items() if isinstance(v, (int, float))})
         self.history.add_step(metrics.step, metrics.loss, _to_numpy(metrics.loads))
         self.log_metrics(values, metrics.step)
 

@@ -306,7 +306,10 @@ class ShardedCheckpoint:
             else:
                 by_file.setdefault(file, []).append(name)
         if missing:
-            raise CheckpointError(f"{self.path} has no tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise CheckpointError(
+                f"{self.path} has no tensor {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         out = {}
         for file, file_names in by_file.items():
             out.update(read_file(self.path, file, file_names))

@@ -129,12 +129,15 @@ class DeepseekV3(nn.Module):
     # -- construction -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int | torch.Generator = 0) -> None:
+    def init_weights(self, seed: int | torch.Generator | None = None) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases.
 
         Every tensor (every expert of a stacked expert tensor) draws from its own generator,
         seeded by ``seed`` and its name, so a part of the model built elsewhere (an actor's
-        stage or expert shard) gets exactly the same values (:func:`init_parameter_`)."""
+        stage or expert shard) gets exactly the same values (:func:`init_parameter_`). Without
+        a seed, one is drawn from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
         if isinstance(seed, torch.Generator):
             seed = seed.initial_seed()
         for name, p in self.named_parameters():
@@ -244,9 +247,7 @@ def _param_seed(seed: int, key: str) -> int:
 
 
 @torch.no_grad()
-def init_parameter_(
-    name: str, p: torch.Tensor, std: float, seed: int, expert_ids: list[int] | None = None
-) -> None:
+def init_parameter_(name: str, p: torch.Tensor, std: float, seed: int, expert_ids: list[int] | None = None) -> None:
     """Initialize parameter ``name`` (its DeepseekV3 state-dict name) in place, independent of the rest.
 
     Norm weights are ones, biases zeros, other tensors Normal(0, std) from a generator seeded by

@@ -14,12 +14,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from raymoe.platform.checkpoint.sharded import filesystem as checkpoint_filesystem
+from raymoe.platform.checkpoint.sharded import is_local, latest_checkpoint_uri
 from raymoe.platform.config import ConfigError, RaymoeConfig, config_to_dict, flatten
 from raymoe.platform.data.loader import ShardLoader, iter_batches
-from raymoe.platform.train.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from raymoe.platform.train.checkpointing import load_training_checkpoint, save_training_checkpoint
 from raymoe.platform.train.trainer import LocalTrainer, StepMetrics
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ class PretrainResult:
     """What a pretraining run produced."""
 
     output: Path
-    checkpoint: Path
+    checkpoint: str | Path
     steps: int
     first_loss: float  # loss of the first step this process ran
     last_loss: float
@@ -50,8 +53,67 @@ def micro_batches(input_ids: torch.Tensor, labels: torch.Tensor, n: int) -> list
     return list(zip(input_ids.chunk(n), labels.chunk(n)))
 
 
+class LocalEngine:
+    """The single-process engine behind the same interface as the actor graph's driver."""
+
+    def __init__(self, cfg: RaymoeConfig) -> None:
+        self.cfg = cfg
+        self.trainer = LocalTrainer(cfg)
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    def describe(self) -> dict:
+        return {}
+
+    def train_step(self, micro_batches: list) -> StepMetrics:
+        return self.trainer.train_step(micro_batches)
+
+    def evaluate(self, batches: list) -> tuple[float, torch.Tensor]:
+        return self.trainer.evaluate(batches)
+
+    def save_checkpoint(self, root: str, state: dict, extra_files: list[Path]) -> Path:
+        fs, _ = checkpoint_filesystem(root)
+        if not is_local(fs):
+            raise ConfigError(
+                f"train.checkpoint_uri={root!r}: the local engine writes to local paths only; use --engine graph"
+            )
+        return save_training_checkpoint(
+            root, self.trainer.step, self.trainer.model, self.trainer.optimizer, state, extra_files
+        )
+
+    def load_checkpoint(self, path: str) -> dict:
+        from raymoe.platform.checkpoint.sharded import is_sharded_checkpoint
+        from raymoe.platform.checkpoint.training import load_sharded_into_local
+        from raymoe.platform.train.checkpointing import set_rng_state
+
+        if is_sharded_checkpoint(str(path)):  # written by the actor graph, in any layout
+            state = load_sharded_into_local(str(path), self.trainer.model, self.trainer.optimizer)
+            if "rng" in state:
+                set_rng_state(state["rng"])
+        else:
+            state = load_training_checkpoint(path, self.trainer.model, self.trainer.optimizer)
+        self.trainer.step = int(state["step"])
+        return state
+
+    def close(self) -> None:
+        pass
+
+
+def build_engine(cfg: RaymoeConfig, engine: str) -> Any:
+    """``local`` (this process) or ``graph`` (the Ray actor graph of ``cfg.parallel``)."""
+    if engine == "local":
+        return LocalEngine(cfg)
+    if engine == "graph":
+        from raymoe.actors.driver import GraphTrainer  # Ray only when asked for
+
+        return GraphTrainer(cfg)
+    raise ConfigError(f"engine must be 'local' or 'graph', got {engine!r}")
+
+
 def evaluate(
-    trainer: LocalTrainer, data_dir: Path, batch_size: int, max_batches: int | None = None
+    trainer: Any, data_dir: Path, batch_size: int, max_batches: int | None = None
 ) -> tuple[float, torch.Tensor]:
     """Validation loss and MaxVio_global per MoE layer over the validation split (fixed order)."""
     batches = []
@@ -74,13 +136,13 @@ def pretrain(
     experiment: str | None = None,
     eval_batches: int | None = None,
     on_step: Callable[[StepMetrics], None] | None = None,
+    engine: str | Any = "local",
 ) -> PretrainResult:
-    """Pretrain ``cfg`` on the prepared data in ``data_dir``; checkpoints and logs go to ``output``."""
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    """Pretrain ``cfg`` on the prepared data in ``data_dir``; checkpoints and logs go to ``output``.
 
-    from raymoe.platform.tracking import Tracker
-
+    ``engine`` is ``"local"`` (one process), ``"graph"`` (the Ray actor graph of
+    ``cfg.parallel``), or an engine object (``LocalEngine``, ``GraphTrainer``). Checkpoints go
+    to ``train.checkpoint_uri`` when set (a path or a pyarrow URI), else under ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir)
@@ -97,35 +159,54 @@ def pretrain(
             f"train.seq_len ({tc.seq_len}) differs from the data's sequence length ({manifest.seq_len} in {data_dir}); "
             f"set train.seq_len={manifest.seq_len} or prepare the data with --seq-len {tc.seq_len}"
         )
-    eval_batch = max(tc.batch_size // cfg.parallel.micro_batches, 1)
+    n_micro = cfg.parallel.micro_batches * cfg.parallel.dp  # the global batch's micro-batches, on any engine
+    eval_batch = max(tc.batch_size // n_micro, 1)
+    ckpt_root = tc.checkpoint_uri or str(output)
     torch.manual_seed(tc.seed)
-    trainer = LocalTrainer(cfg)
+    engine_name = engine if isinstance(engine, str) else type(engine).__name__
+    trainer = build_engine(cfg, engine) if isinstance(engine, str) else engine
+    try:
+        return _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress,
+                         run_name, experiment, eval_batches, on_step, n_micro, eval_batch)  # fmt: skip
+    finally:
+        if isinstance(engine, str):
+            trainer.close()
+
+
+def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress, run_name,  # noqa: ANN001, ANN202, PLR0913
+              experiment, eval_batches, on_step, n_micro, eval_batch):  # fmt: skip
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from raymoe.platform.tracking import Tracker
+
+    tc = cfg.train
     run_id = None
     if resume:
-        ckpt = latest_checkpoint(output)
+        ckpt = latest_checkpoint_uri(ckpt_root)
         if ckpt is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting from step 0", output)
+            logger.warning("--resume: no checkpoint in %s yet; starting from step 0", ckpt_root)
         else:
-            state = load_training_checkpoint(ckpt, trainer.model, trainer.optimizer)
-            trainer.step = state["step"]
+            state = trainer.load_checkpoint(ckpt)
             loader.load_state_dict(state["loader"])
             run_id = state.get("mlflow_run_id")
             logger.info("resumed from %s at step %d", ckpt, trainer.step)
     tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id)
-    tracker.start(flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": "local"})
+    params = flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": engine_name}
+    tracker.start(params | trainer.describe())
     tokenizer = data_dir / TOKENIZER_FILE
     extra = [tokenizer] if tokenizer.is_file() else []
     if extra and trainer.step == 0:
         tracker.log_artifact(tokenizer)
 
-    def checkpoint() -> Path:
+    def checkpoint() -> str | Path:
         state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}
-        return save_training_checkpoint(output, trainer.step, trainer.model, trainer.optimizer, state, extra)
+        return trainer.save_checkpoint(ckpt_root, state, extra)
 
     losses: list[float] = []
     vios: list[float] = []
     tokens, seconds = 0, 0.0
-    last_ckpt: Path | None = None
+    last_ckpt: str | Path | None = None
     start = trainer.step
     status = "FAILED"
     try:
@@ -133,7 +214,7 @@ def pretrain(
             bar = tqdm(range(start, tc.steps), desc="pretrain", disable=not progress, unit="step", dynamic_ncols=True)
             for step in bar:
                 input_ids, labels = loader.next_batch()
-                m = trainer.train_step(micro_batches(input_ids, labels, cfg.parallel.micro_batches))
+                m = trainer.train_step(micro_batches(input_ids, labels, n_micro))
                 losses.append(m.loss)
                 vios.append(float(m.max_vio.mean()) if m.max_vio.numel() else 0.0)
                 if step > start:  # the first step pays one-time costs
