@@ -1,5 +1,6 @@
 """``raymoe demo``: prepare the built-in corpus once, pretrain the ``small`` preset for a few
-minutes with MLflow tracking, then sample from the checkpoint."""
+minutes on the actor graph (dp=1, pp=2, ep=2 on a local Ray) with MLflow tracking, then sample
+from the checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="outputs/demo", help="checkpoints go here (default outputs/demo)")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of the sample")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--engine", choices=["graph", "local"], default="graph", help="training engine (default graph)")
     p.set_defaults(func=_main)
 
 
@@ -28,42 +30,45 @@ def _main(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     from raymoe.pipelines.pretrain import default_data_dir, ensure_default_data
-    from raymoe.platform.checkpoint import load_hf_checkpoint
+    from raymoe.platform.checkpoint.training import load_training_model
     from raymoe.platform.generate import generate
     from raymoe.platform.tracking import resolve_tracking_uri
     from raymoe.platform.train.loop import pretrain
 
-    cfg = load_config("small", ["train.eval_every=50", *args.overrides])
+    cfg = load_config("small", ["train.eval_every=50", "parallel.pp=2", "parallel.ep=2", *args.overrides])
     output = Path(args.output)
     data_dir = default_data_dir(cfg)
     print(f"raymoe demo: 1. the corpus: the Python standard library's source, tokenized into {data_dir}/ (once)")
     t0 = time.perf_counter()
     ensure_default_data(data_dir, cfg)
     print(f"raymoe demo: 2. pretraining the 'small' preset: {cfg.train.steps} steps of {cfg.train.batch_size}×"
-          f"{cfg.train.seq_len} tokens in {cfg.train.dtype}, one process, tracked in MLflow")  # fmt: skip
+          f"{cfg.train.seq_len} tokens in {cfg.train.dtype} on the actor graph (dp={cfg.parallel.dp}, "
+          f"pp={cfg.parallel.pp}, ep={cfg.parallel.ep}: {cfg.parallel.dp * cfg.parallel.pp} attention stages, "
+          f"{cfg.parallel.ep} expert shards, on a local Ray), tracked in MLflow")  # fmt: skip
     stale = output / "checkpoints"
     if stale.is_dir():  # the demo starts afresh: an earlier demo's checkpoints would mislead --resume
         shutil.rmtree(stale)
-    result = pretrain(cfg, data_dir, output, run_name="demo")
+    result = pretrain(cfg, data_dir, output, run_name="demo", engine=args.engine)
     print(
         f"trained {len(result.losses)} steps: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, validation "
         f"loss {result.val_loss:.3f}, MaxVio_global {result.max_vio_global:.3f}, {result.tokens_per_s:,.0f} tokens/s"
     )
-    model = load_hf_checkpoint(result.checkpoint, strict_mtp=False)
-    tokenizer = Tokenizer.from_file(str(result.checkpoint / "tokenizer.json"))
+    model, ckpt = load_training_model(str(result.checkpoint))
+    tokenizer = Tokenizer.from_file(str(Path(ckpt) / "tokenizer.json"))
     prompt_ids = tokenizer.encode(args.prompt).ids
     new_ids = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=0.0)[0]
     print("\nraymoe demo: 3. a greedy sample from the checkpoint\n--- sample ---")
     print(args.prompt + tokenizer.decode(new_ids))
     print("--- end of sample ---\n")
     print(f"done in {time.perf_counter() - t0:.0f} s")
-    print(f"checkpoint (Hugging Face layout, with tokenizer.json): {result.checkpoint}")
+    print(f"checkpoint (one file per actor, with tokenizer.json): {result.checkpoint}")
     prog = _command_name()
     print(f"MLflow run {result.run_id} in {resolve_tracking_uri(cfg.tracking.uri)}")
     print(f"  see it: {prog} ui   (then open http://127.0.0.1:5000)")
     if result.tracking_warning:
         print(f"  tracking: {result.tracking_warning}")
-    print(f"sample more: {prog} generate --checkpoint {result.checkpoint} --prompt 'import os'")
+    print(f"sample more: {prog} generate --checkpoint {output} --prompt 'import os'")
+    print(f"export it for transformers: {prog} export --checkpoint {output} --out {output}/hf")
     return 0
 
 

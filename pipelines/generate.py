@@ -44,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate", help="complete a prompt with a checkpoint (single process)", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="Hugging Face-format checkpoint directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a Hugging Face checkpoint directory, a training checkpoint, or a training output (its latest checkpoint)",
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs DIR/tokenizer.json)")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated (e.g. 5,17,42)")
@@ -80,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     """Check the inputs (before loading any weights), load, generate; the result of ``--json``."""
+    from raymoe.platform.checkpoint.sharded import is_sharded_checkpoint, latest_checkpoint_uri
     from raymoe.platform.generate import check_prompt, generate, prepare_for_inference
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise GenerateInputError(f"--checkpoint {ckpt} is not a directory")
+    if not (ckpt / CONFIG_FILE).is_file() and (latest := latest_checkpoint_uri(str(ckpt))) is not None:
+        ckpt = Path(latest)  # a training output: its latest checkpoint
     if not (ckpt / CONFIG_FILE).is_file():
         raise GenerateInputError(f"--checkpoint {ckpt} has no {CONFIG_FILE}; is it a Hugging Face checkpoint?")
     cfg = model_config_from_hf(ckpt / CONFIG_FILE)
@@ -101,7 +109,12 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 
     device = _device(args.device)
     # load in float32 and cast after, so that the routers keep their float32 weights
-    model = load_hf_checkpoint(ckpt, dtype=torch.float32, device=device, strict_mtp=False)
+    if is_sharded_checkpoint(str(ckpt)):  # written by the actor graph
+        from raymoe.platform.checkpoint.training import load_training_model
+
+        model = load_training_model(str(ckpt))[0].to(device)
+    else:
+        model = load_hf_checkpoint(ckpt, dtype=torch.float32, device=device, strict_mtp=False)
     if DTYPES[args.dtype] != torch.float32:
         prepare_for_inference(model, DTYPES[args.dtype])
     check_prompt(model, torch.tensor([prompt_ids]), args.max_new_tokens)

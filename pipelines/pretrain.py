@@ -3,6 +3,8 @@
 raymoe prepare-data --out data/stdlib
 raymoe pretrain small --data data/stdlib --output outputs/run1 train.steps=200 train.checkpoint_every=50
 raymoe pretrain small --data data/stdlib --output outputs/run1 --resume
+raymoe pretrain small parallel.dp=1 parallel.pp=2 parallel.ep=2     # the actor graph (default engine)
+python -m raymoe.pipelines.pretrain tiny --output /tmp/run            # the same, e.g. under `ray job submit`
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="a directory written by `raymoe prepare-data` (default: the stdlib corpus, "
                    "prepared into data/stdlib-<vocab>-<seq_len> on first use)")  # fmt: skip
     p.add_argument("--output", default="outputs/pretrain", help="checkpoints go here (default outputs/pretrain)")
-    p.add_argument("--engine", default="local", choices=["local"], help="training engine (default local)")
+    p.add_argument(
+        "--engine",
+        default="graph",
+        choices=["graph", "local"],
+        help="graph: the Ray actor graph of parallel.dp/pp/ep (default; a local Ray is started unless RAY_ADDRESS "
+        "is set); local: this process only",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,6 +65,8 @@ def default_data_dir(cfg: RaymoeConfig) -> Path:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from raymoe.actors.stage import GraphError
+    from raymoe.platform.checkpoint.hf import CheckpointError
     from raymoe.platform.data.shards import DataError
     from raymoe.platform.train.checkpointing import ResumeError
     from raymoe.platform.train.loop import pretrain
@@ -69,11 +79,20 @@ def _main(args: argparse.Namespace) -> int:
         else:
             data_dir = ensure_default_data(default_data_dir(cfg), cfg, progress=not args.no_progress)
         result = pretrain(
-            cfg, data_dir, args.output, resume=args.resume, progress=not args.no_progress, run_name=args.run_name
+            cfg,
+            data_dir,
+            args.output,
+            resume=args.resume,
+            progress=not args.no_progress,
+            run_name=args.run_name,
+            engine=args.engine,
         )
-    except (DataError, ResumeError, ConfigError) as exc:
+    except (DataError, ResumeError, ConfigError, CheckpointError) as exc:
         print(f"raymoe pretrain: {exc}", file=sys.stderr)
         return 2
+    except GraphError as exc:
+        print(f"raymoe pretrain: the actor graph failed: {exc}", file=sys.stderr)
+        return 1
     print(
         f"trained to step {result.steps} in {time.perf_counter() - t0:.0f} s: loss {result.first_loss:.3f} -> "
         f"{result.last_loss:.3f}, validation loss {result.val_loss:.3f}, MaxVio_global {result.max_vio_global:.3f}, "
@@ -82,3 +101,9 @@ def _main(args: argparse.Namespace) -> int:
     if result.tracking_warning:
         print(f"tracking: {result.tracking_warning}")
     return 0
+
+
+if __name__ == "__main__":  # python -m raymoe.pipelines.pretrain ... (what `ray job submit` runs)
+    from raymoe.pipelines.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

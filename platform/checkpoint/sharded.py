@@ -88,7 +88,7 @@ def split_experts(tensors: dict[str, torch.Tensor], expert_ids: dict[str, list[i
             out[name] = t
         elif t.ndim == 0:  # the scalar AdamW step of a stacked tensor: one copy per expert
             for e in ids.get(base, []):
-                out[_with_suffix(expert_name(base, e), suffix, name)] = t
+                out[_with_suffix(expert_name(base, e), suffix, name)] = t.clone()
         else:
             for row, e in zip(t.unbind(0), ids[base]):
                 out[_with_suffix(expert_name(base, e), suffix, name)] = row.contiguous()

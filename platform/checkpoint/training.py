@@ -80,3 +80,64 @@ def load_sharded_into_local(path: str, model: Any, optimizer: torch.optim.Optimi
         raise CheckpointError(f"checkpoint {path} does not fit the model: {str(exc).splitlines()[0]}") from None
     load_optimizer_state(list(model.named_parameters()), optimizer, optim)
     return ckpt.state
+
+
+def resolve_checkpoint(location: str) -> str:
+    """A checkpoint itself, or a training output (or checkpoint root) meaning its latest complete checkpoint."""
+    from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+
+    found = latest_checkpoint_uri(str(location))
+    if found is None:
+        raise CheckpointError(
+            f"{location} is neither a training checkpoint nor a training output with a complete checkpoint "
+            f"(looked for trainer_state.json there and under checkpoints/step_*)"
+        )
+    return found
+
+
+def load_training_model(location: str) -> tuple[Any, str]:
+    """The model (float32, eval mode) of a training checkpoint of either engine; returns (model, checkpoint)."""
+    from raymoe.platform.checkpoint.hf import load_hf_checkpoint
+    from raymoe.platform.checkpoint.sharded import STATE_FILE, read_json
+    from raymoe.platform.config import config_from_dict
+    from raymoe.platform.model import DeepseekV3
+
+    path = resolve_checkpoint(location)
+    if not is_sharded_checkpoint(path):
+        return load_hf_checkpoint(path, dtype=torch.float32, strict_mtp=False).eval(), path
+    state = read_json(path, STATE_FILE)
+    cfg = config_from_dict(state["config"])
+    with torch.device("meta"):
+        model = DeepseekV3(cfg.model)
+    model = model.to_empty(device="cpu")
+    from raymoe.platform.checkpoint.hf import _init_nonpersistent_buffers
+
+    _init_nonpersistent_buffers(model, "cpu")
+    weights, _ = ShardedCheckpoint(path).full_state(cfg.model.n_routed_experts)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit its own config: {str(exc).splitlines()[0]}") from None
+    return model.eval(), path
+
+
+def export_hf(location: str, out: str, dtype: torch.dtype | None = None) -> str:
+    """Write the Hugging Face layout (config.json, safetensors, tokenizer.json) of a training checkpoint to ``out``."""
+    import os
+    import tempfile
+
+    from raymoe.platform.checkpoint.hf_save import save_hf_checkpoint
+    from raymoe.platform.checkpoint.sharded import filesystem, join
+
+    model, path = load_training_model(location)
+    fs, base = filesystem(path)
+    extra = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = join(base, "tokenizer.json")
+        if fs.get_file_info(tok).type.name == "File":
+            local_tok = os.path.join(tmp, "tokenizer.json")
+            with fs.open_input_stream(tok) as src, open(local_tok, "wb") as dst:
+                dst.write(src.read())
+            extra.append(local_tok)
+        save_hf_checkpoint(model, out, dtype=dtype, extra_files=extra)
+    return path

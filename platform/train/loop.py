@@ -160,7 +160,7 @@ def pretrain(
             f"set train.seq_len={manifest.seq_len} or prepare the data with --seq-len {tc.seq_len}"
         )
     n_micro = cfg.parallel.micro_batches * cfg.parallel.dp  # the global batch's micro-batches, on any engine
-    eval_batch = max(tc.batch_size // n_micro, 1)
+    eval_batch = tc.batch_size  # forward only: the loss per token and the loads do not depend on it
     ckpt_root = tc.checkpoint_uri or str(output)
     torch.manual_seed(tc.seed)
     engine_name = engine if isinstance(engine, str) else type(engine).__name__
