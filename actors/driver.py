@@ -300,7 +300,7 @@ class GraphTrainer:
     # -- one training step ----------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
-        """One optimizer step over ``micro_batches`` (dp × micro-batches per replica; replica r takes a contiguous block)."""
+        """One optimizer step over ``micro_batches``: dp × micro-batches per replica, a contiguous block per replica."""
         if self.colocated:
             t0 = time.perf_counter()
             m = self._get(self.rt.call(self.local, "train_step", self.rt.put(micro_batches)), what="the step")[0]

@@ -163,7 +163,7 @@ class ExpertShard:
         from raymoe.platform.checkpoint.training import read_training_tensors
 
         wanted = []
-        for name, p in self.params:
+        for name, _ in self.params:
             layer = next(layer for layer in self.expert_ids if name.startswith(self.names[layer] + "."))
             for e in self.expert_ids[layer]:
                 one = expert_name(name, e)

@@ -20,7 +20,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a training checkpoint in the Hugging Face layout", description=__doc__)
     p.add_argument("--checkpoint", required=True, metavar="C",
-                   help="a training checkpoint (path or URI), or a training output meaning its latest checkpoint")  # fmt: skip
+                   help="a training checkpoint (path or URI) or a training output (its latest one)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (replaced atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the weights (default fp32)")
     p.set_defaults(func=_main)
