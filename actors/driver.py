@@ -77,6 +77,9 @@ class ColocatedStage:
     def evaluate(self, batches: list) -> tuple[float, torch.Tensor]:
         return self.trainer.evaluate(batches)
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+
     def set_step(self, step: int) -> None:
         self.trainer.step = step
 
@@ -494,6 +497,17 @@ class GraphTrainer:
         return loss_sum / max(tokens, 1), max_violation(loads) if loads.numel() else torch.zeros(0)
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (experts stacked), gathered from the actors: for tests and export."""
+        from raymoe.platform.checkpoint.sharded import stack_experts
+
+        if self.colocated:
+            return self._get(self.rt.call(self.local, "model_state"), what="reading the model")[0]
+        owners = [self.stages[0][s] for s in range(self.pp)] + list(self.shards)
+        parts = self._get([self.rt.call(a, "state_tensors")[0] for a in owners], what="reading the model")
+        merged = {k: v for part in parts for k, v in part.items() if not k.startswith(OPTIMIZER_PREFIX)}
+        return stack_experts(merged, self.cfg.model.n_routed_experts)
 
     def save_checkpoint(self, root: str, state: dict[str, Any], extra_files: list | None = None) -> str:
         """Every actor writes its tensors, the driver the rest; visible only when complete. Returns its location."""

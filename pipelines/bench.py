@@ -4,8 +4,11 @@
     raymoe bench model --json --out bench.json  # the report as JSON too (the last line of stdout)
     raymoe bench model --quick                  # seconds: tiny preset, ours vs transformers eager, fp32
     raymoe bench model --impls ours,grouped_mm --dtypes bf16 train.batch_size=4
+    raymoe bench graph                          # the local engine against the actor graph at 4 layouts
+    raymoe bench graph --json --dtype bf16 --steps 5
 
-``raymoe bench model`` is :mod:`raymoe.platform.benchmarks.model_bench`.
+``raymoe bench model`` is :mod:`raymoe.platform.benchmarks.model_bench`, ``raymoe bench graph``
+:mod:`raymoe.platform.benchmarks.graph_bench`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ BUSY_LOAD_AVERAGE = 1.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``bench`` subcommand and its benchmarks (``bench model``)."""
+    """Add the ``bench`` subcommand and its benchmarks (``bench model``, ``bench graph``)."""
     parser = subparsers.add_parser("bench", help="benchmarks: tables of tokens/s, MFU and memory", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_model(benchmarks)
+    _register_graph(benchmarks)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -193,3 +197,95 @@ def format_table(report: dict[str, Any]) -> str:
             "threads that wait for each other slow down many times over; rerun on a quiet machine"
         )
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- raymoe bench graph
+
+
+def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
+    from raymoe.platform.benchmarks import graph_bench
+
+    defaults = graph_bench.GraphBenchOptions()
+    layouts = " ".join(",".join(map(str, layout)) for layout in defaults.layouts)
+    parser = benchmarks.add_parser(
+        "graph",
+        help="the training step of the local engine against the actor graph at several (dp,pp,ep)",
+        description=(
+            "Train the same random batch with the local engine and with the actor graph at each (dp,pp,ep) "
+            "layout, one after another in one Ray session; print each one's median step time, its ratio to "
+            "the local engine, tokens/s and the step split into compute and transfer+wait."
+        ),
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=4")
+    parser.add_argument("--preset", help=f"preset or .yaml (default {defaults.preset})")
+    parser.add_argument("--layouts", help=f"space- or ;-separated dp,pp,ep triples (default {layouts!r})")
+    parser.add_argument("--no-local", action="store_true", help="skip the local engine (no ratios then)")
+    parser.add_argument("--dtype", help="fp32 or bf16 (default: the preset's train.dtype)")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        help=f"micro-batches of the global batch, on every row (default {defaults.micro_batches})",
+    )
+    parser.add_argument("--warmup-steps", type=int, help=f"untimed steps per row (default {defaults.warmup_steps})")
+    parser.add_argument("--steps", type=int, help=f"timed steps per row (default {defaults.steps})")
+    parser.add_argument(
+        "--actor-threads",
+        type=int,
+        help=f"RAYMOE_ACTOR_THREADS for every actor; 0 = Ray's default of 1 (default {defaults.actor_threads})",
+    )
+    parser.add_argument(
+        "--actor-env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for the actors"
+    )
+    parser.add_argument("--json", action="store_true", help="also print the report as one JSON object (last line)")
+    parser.add_argument("--out", type=Path, help="write the JSON report to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_graph)
+
+
+def graph_options_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~raymoe.platform.benchmarks.graph_bench.GraphBenchOptions` of the command line."""
+    from raymoe.platform.benchmarks.graph_bench import GraphBenchOptions, parse_layouts
+    from raymoe.platform.config import ConfigError
+
+    env = {}
+    for item in args.actor_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--actor-env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    given = {
+        "preset": args.preset,
+        "layouts": parse_layouts(args.layouts) if args.layouts is not None else None,
+        "dtype": args.dtype,
+        "micro_batches": args.micro_batches,
+        "warmup_steps": args.warmup_steps,
+        "steps": args.steps,
+        "actor_threads": args.actor_threads,
+    }
+    changes = {name: value for name, value in given.items() if value is not None}
+    return GraphBenchOptions(overrides=list(args.overrides), local=not args.no_local, actor_env=env, **changes)
+
+
+def run_graph(args: argparse.Namespace) -> int:
+    """Run ``raymoe bench graph``; exit code 1 when a row failed, else 0."""
+    from tqdm import tqdm
+
+    from raymoe.platform.benchmarks import graph_bench
+
+    opts = graph_options_from_args(args)
+    graph_bench.check_options(opts)  # a bad option fails now, not after minutes of benchmarking
+    total = (len(opts.layouts) + int(opts.local)) * (opts.warmup_steps + opts.steps)
+    with tqdm(total=total, desc="bench graph", unit="step", disable=args.no_progress or None) as bar:
+
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        report = graph_bench.run(opts, progress)
+    print(graph_bench.format_table(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+    return 1 if any(r["error"] for r in report["rows"]) else 0

@@ -38,3 +38,13 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, ray_local):  # noqa: ANN001, ANN201
+    """A small prepared dataset of the stdlib corpus for the ``tiny`` preset (vocab 512, 32 tokens)."""
+    from raymoe.platform.data.prepare import PrepareConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset(out, PrepareConfig(vocab_size=512, seq_len=32, max_bytes=200_000, seed=0))
+    return out

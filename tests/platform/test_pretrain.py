@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from raymoe.platform.config import load_config
-from raymoe.platform.data.prepare import PrepareConfig, prepare_dataset
 from raymoe.platform.train.checkpointing import latest_checkpoint
 from raymoe.platform.train.loop import pretrain
 
 
 class Crash(RuntimeError):
     """Stands for a process killed mid-run."""
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, ray_local) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset(out, PrepareConfig(vocab_size=512, seq_len=32, max_bytes=200_000, seed=0))
-    return out
 
 
 def tiny_cfg(tmp_path: Path, steps: int = 10):

@@ -1,0 +1,443 @@
+"""``raymoe bench graph``: the training step of the local engine against the actor graph, side by side.
+
+One run trains the preset (default ``bench``) on the same seeded random token batch of
+``train.batch_size × train.seq_len`` tokens with
+
+- the local engine (:class:`~raymoe.platform.train.trainer.LocalTrainer`, in this process), and
+- the actor graph (:class:`~raymoe.actors.driver.GraphTrainer`) at each (dp, pp, ep) layout,
+  default (1,1,1), (1,1,2), (1,2,2) and (2,1,2),
+
+one after another in one Ray session (started once: ``ray.init(num_cpus=2,
+include_dashboard=False)`` unless Ray is already up; shut down at the end if it was started
+here). Every row trains the same global batch cut into the same number of micro-batches
+(``--micro-batches``, default 2: 2 per replica at dp = 1, 1 per replica at dp = 2), from the
+same initial weights, so the first step's loss must agree across rows (the report keeps it as a
+check). Each row runs ``warmup_steps`` untimed steps, then ``steps`` timed ones; the graph's
+actors are killed before the next row starts.
+
+Reported per row (every number is measured in the run, nothing is estimated):
+
+- **step s**: the median step time over the timed steps (the lower median for an even count, so
+  it is a real step and the split below is that step's). Local: the wall time of
+  ``LocalTrainer.train_step``. Graph: the driver's wall time of ``GraphTrainer.train_step``
+  (``graph/step_s``): submitting every call, waiting for the actors, the optimizer step.
+- **tok/s**: ``batch_size × seq_len`` ÷ step s; **x local**: step s ÷ the local engine's.
+- The split of that step, seen from the busiest actor (the critical path's compute):
+
+  - **compute**: the largest ``compute_s/<actor>`` of the step, i.e. the seconds the busiest
+    actor spent inside torch (forward and backward pieces, expert passes, gradient reduction and
+    norms, the optimizer step), timed by the actor itself. No schedule can be faster than this
+    on its actor. Local: the whole step. (1,1,1): the trainer's own step time inside its actor.
+  - **transfer+wait** = step − compute: the time the busiest actor was *not* computing:
+    serializing arguments and results, the object store, Ray's per-call dispatch, the driver's
+    submissions and round trips, and waiting for other actors' compute it depends on. (It is
+    not split further: the actors time only their own compute.)
+  - **Σ compute**: every actor's compute added up. Against the local step it shows how much
+    the cut itself costs in compute (smaller matmuls, thread settings); against
+    2 cores × step s, how busy the machine was.
+
+- The driver's view of the same step (graph rows with more than one actor), which partitions
+  step s: **submit** (building and submitting every call of the forward and backward, which
+  does not wait for results), **wait** (blocked in ``ray.get`` until every actor reported the
+  step's forward and backward done), **update** (clipping coefficient, bias update, and the
+  round trip of every actor's optimizer step). (1,1,1) is one call: its driver wait is the
+  whole step.
+
+Threads: Ray starts every actor with ``OMP_NUM_THREADS`` from its ``num_cpus``, which is 1
+for the graph's ``num_cpus=0`` actors, while the local engine uses torch's default (one thread
+per core: 2 here). ``RAYMOE_ACTOR_THREADS`` (read by :func:`raymoe.actors.stage.set_threads`)
+overrides that in every actor; this benchmark passes ``--actor-threads`` (default
+:data:`DEFAULT_ACTOR_THREADS` = 2 = the cores) through ``ray.init(runtime_env={"env_vars":
+...})``; 0 leaves Ray's default. Measured on the 2-core machine (bench preset, fp32, 2 timed
+steps): at (1,1,1) 1 thread ran the step ~1.6× slower than local and 2 threads matched it,
+because the one actor computes alone; at (1,1,2), whose three actors compute mostly one after
+another (the stage waits for the shards and the shards for the stage), 2 threads were also
+faster than 1. ``--actor-env KEY=VALUE`` passes any other variable (e.g. ``OMP_WAIT_POLICY``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raymoe.platform.config import ConfigError, RaymoeConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+LOCAL = "local"
+GRAPH = "graph"
+LAYOUTS: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 1, 2), (1, 2, 2), (2, 1, 2))
+DTYPES = ("fp32", "bf16")
+DEFAULT_ACTOR_THREADS = 2  # torch threads per actor (RAYMOE_ACTOR_THREADS); 0 = Ray's default (1)
+RAY_NUM_CPUS = 2
+SEED = 0
+# goals of the issue: the graph's step time over the local engine's
+GOALS = {(1, 1, 1): 1.05, (1, 1, 2): 1.5}
+
+
+@dataclass(kw_only=True)
+class GraphBenchOptions:
+    """What ``raymoe bench graph`` runs."""
+
+    preset: str = "bench"
+    overrides: list[str] = field(default_factory=list)  # dotted config overrides (train.batch_size=4, ...)
+    layouts: tuple[tuple[int, int, int], ...] = LAYOUTS  # (dp, pp, ep) of each graph row
+    local: bool = True  # also the local engine (the reference of the ratios)
+    micro_batches: int = 2  # micro-batches of the global batch, on every row (per replica: this ÷ dp)
+    warmup_steps: int = 1
+    steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
+    dtype: str | None = None  # fp32 | bf16; None = the preset's train.dtype
+    actor_threads: int = DEFAULT_ACTOR_THREADS  # RAYMOE_ACTOR_THREADS for every actor; 0 = Ray's default
+    actor_env: dict[str, str] = field(default_factory=dict)  # more environment variables for the actors
+
+
+def layout_label(layout: tuple[int, int, int] | None) -> str:
+    return LOCAL if layout is None else f"{GRAPH} {','.join(map(str, layout))}"
+
+
+def parse_layouts(text: str) -> tuple[tuple[int, int, int], ...]:
+    """``"1,1,1 1,1,2"`` or ``"1,1,1;1,1,2"`` → ((1,1,1), (1,1,2)); raises :class:`ConfigError`."""
+    out = []
+    for item in text.replace(";", " ").split():
+        parts = item.split(",")
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != 3 or min(values) < 1:
+            raise ConfigError(f"--layouts: {item!r} is not dp,pp,ep (three positive integers)")
+        out.append(values)
+    return tuple(out)
+
+
+def row_config(opts: GraphBenchOptions, layout: tuple[int, int, int] | None) -> RaymoeConfig:
+    """The config of one row: the preset, the overrides, the dtype and the layout's parallel section."""
+    overrides = list(opts.overrides)
+    if opts.dtype is not None:
+        overrides.append(f"train.dtype={opts.dtype}")
+    if layout is not None:
+        dp, pp, ep = layout
+        if opts.micro_batches % dp:
+            raise ConfigError(f"--micro-batches {opts.micro_batches} cannot be split over dp={dp} replicas")
+        overrides += [
+            f"parallel.dp={dp}",
+            f"parallel.pp={pp}",
+            f"parallel.ep={ep}",
+            f"parallel.micro_batches={opts.micro_batches // dp}",
+        ]
+    cfg = load_config(opts.preset, overrides)
+    if cfg.train.batch_size % opts.micro_batches:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) is not divisible by --micro-batches {opts.micro_batches}"
+        )
+    return cfg
+
+
+def check_options(opts: GraphBenchOptions) -> RaymoeConfig:
+    """Validate ``opts`` (every row's config too); return the local row's config. Raises :class:`ConfigError`."""
+    if opts.steps <= 0:
+        raise ConfigError(f"--steps must be > 0, got {opts.steps}")
+    if opts.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be >= 0, got {opts.warmup_steps}")
+    if opts.micro_batches <= 0:
+        raise ConfigError(f"--micro-batches must be > 0, got {opts.micro_batches}")
+    if opts.actor_threads < 0:
+        raise ConfigError(f"--actor-threads must be >= 0, got {opts.actor_threads}")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {opts.dtype!r}: choose from {','.join(DTYPES)}")
+    if not opts.layouts and not opts.local:
+        raise ConfigError("nothing to run: no layouts and no local engine")
+    for layout in opts.layouts:
+        row_config(opts, layout)
+    return row_config(opts, None)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def random_batch(cfg: RaymoeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded random (input_ids, labels) of one global batch, [batch_size, seq_len] each."""
+    gen = torch.Generator().manual_seed(SEED)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def actor_env(opts: GraphBenchOptions) -> dict[str, str]:
+    """The environment variables every actor gets."""
+    env = dict(opts.actor_env)
+    if opts.actor_threads:
+        env["RAYMOE_ACTOR_THREADS"] = str(opts.actor_threads)
+    return env
+
+
+def _start_ray(opts: GraphBenchOptions) -> tuple[bool, bool]:
+    """Start Ray unless it is up; returns (started here, the actor environment applied)."""
+    import ray
+
+    env = actor_env(opts)
+    if ray.is_initialized():
+        if env:
+            logger.warning("Ray is already running: the actors do not get %s", env)
+        return False, not env
+    ray.init(
+        num_cpus=RAY_NUM_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    return True, True
+
+
+def _time_steps(
+    step: Callable[[], Any], opts: GraphBenchOptions, progress: Callable[[], None] | None
+) -> tuple[list[float], list[dict[str, float]], list[float]]:
+    """Run the warmup and timed steps; (driver seconds, ``extra`` timings, loss) of each, warmup included."""
+    seconds, extras, losses = [], [], []
+    for _ in range(opts.warmup_steps + opts.steps):
+        t0 = time.perf_counter()
+        m = step()
+        seconds.append(time.perf_counter() - t0)
+        extras.append(dict(m.extra))
+        losses.append(float(m.loss))
+        if progress is not None:
+            progress()
+    return seconds, extras, losses
+
+
+def _median_index(values: list[float]) -> int:
+    """Index of the lower median of ``values``."""
+    low = statistics.median_low(values)
+    return values.index(low)
+
+
+def _split(seconds: float, extra: dict[str, float], local: bool) -> dict[str, Any]:
+    """One step's split: compute of the busiest actor, the rest, all compute, the driver's phases."""
+    if local:
+        return {"compute_s": seconds, "busiest": LOCAL, "other_s": 0.0, "sum_compute_s": seconds,
+                "submit_s": None, "wait_s": None, "update_s": None, "compute_by_actor": {LOCAL: seconds}}  # fmt: skip
+    by_actor = {k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith("compute_s/")}
+    busiest = max(by_actor, key=by_actor.get)
+    step_s = extra.get("graph/step_s", seconds)
+    return {
+        "compute_s": by_actor[busiest],
+        "busiest": busiest,
+        "other_s": step_s - by_actor[busiest],
+        "sum_compute_s": sum(by_actor.values()),
+        "submit_s": extra.get("graph/submit_s"),
+        "wait_s": extra.get("graph/wait_s", step_s if len(by_actor) == 1 else None),
+        "update_s": extra.get("graph/update_s"),
+        "compute_by_actor": by_actor,
+    }
+
+
+def run_row(
+    opts: GraphBenchOptions,
+    layout: tuple[int, int, int] | None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one row (``layout`` None: the local engine); its result (``error`` set on failure)."""
+    from raymoe.platform.train.loop import micro_batches
+
+    cfg = row_config(opts, layout)
+    input_ids, labels = random_batch(cfg)
+    batches = micro_batches(input_ids, labels, opts.micro_batches)
+    row: dict[str, Any] = {
+        "label": layout_label(layout),
+        "engine": LOCAL if layout is None else GRAPH,
+        "dp": None if layout is None else layout[0],
+        "pp": None if layout is None else layout[1],
+        "ep": None if layout is None else layout[2],
+        "micro_batches_per_replica": opts.micro_batches // (1 if layout is None else layout[0]),
+        "dtype": cfg.train.dtype,
+        "error": None,
+    }
+    trainer = None
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        if layout is None:
+            from raymoe.platform.train.trainer import LocalTrainer
+
+            trainer = LocalTrainer(cfg)
+            row["actors"] = 0
+        else:
+            from raymoe.actors.driver import GraphTrainer
+
+            trainer = GraphTrainer(cfg)
+            row["actors"] = len(trainer.actors())
+            row["actor_keys"] = trainer.actor_keys()
+        row["startup_s"] = time.perf_counter() - t0
+        seconds, extras, losses = _time_steps(lambda: trainer.train_step(batches), opts, progress)
+    except Exception as exc:  # noqa: BLE001 - a failed row is reported, the bench goes on
+        logger.exception("%s failed", row["label"])
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return row
+    finally:
+        if trainer is not None and hasattr(trainer, "shutdown"):
+            trainer.shutdown()
+        trainer = None
+        gc.collect()
+    timed = seconds[opts.warmup_steps :]
+    timed_extra = extras[opts.warmup_steps :]
+    step_s = [e.get("graph/step_s", s) for s, e in zip(timed, timed_extra)]
+    i = _median_index(step_s)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    row.update(
+        {
+            "steps_s": step_s,  # each timed step
+            "warmup_s": [e.get("graph/step_s", s) for s, e in zip(seconds, extras)][: opts.warmup_steps],
+            "step_s": step_s[i],
+            "tokens_per_s": tokens / step_s[i],
+            "first_loss": losses[0],
+            "losses": losses,
+            **_split(step_s[i], timed_extra[i], layout is None),
+        }
+    )
+    return row
+
+
+def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every row of ``opts`` (the local engine first) in one Ray session; the report dict.
+
+    ``progress(label)`` is called after every step (warmup included) of every row."""
+    import ray
+
+    opts = opts or GraphBenchOptions()
+    cfg = check_options(opts)
+    load_start = os.getloadavg()[0]
+    start = time.perf_counter()
+    started, env_applied = _start_ray(opts) if opts.layouts else (False, True)
+    rows = []
+    try:
+        plan = ([None] if opts.local else []) + list(opts.layouts)
+        for layout in plan:
+            label = layout_label(layout)
+            rows.append(run_row(opts, layout, (lambda label=label: progress(label)) if progress else None))
+            r = rows[-1]
+            logger.info("%s: %s", label, r["error"] or f"{r['step_s']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s")
+    finally:
+        if started:
+            ray.shutdown()
+    local = next((r for r in rows if r["engine"] == LOCAL and not r["error"]), None)
+    for r in rows:
+        r["x_local"] = r["step_s"] / local["step_s"] if local and not r["error"] else None
+        layout = (r["dp"], r["pp"], r["ep"])
+        r["goal_x_local"] = GOALS.get(layout) if r["engine"] == GRAPH else None
+        r["goal_met"] = r["x_local"] <= r["goal_x_local"] if r["goal_x_local"] and r["x_local"] else None
+    losses = [r["first_loss"] for r in rows if not r["error"]]
+    return {
+        "benchmark": "graph",
+        "preset": opts.preset,
+        "overrides": opts.overrides,
+        "dtype": cfg.train.dtype,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+        "micro_batches": opts.micro_batches,
+        "warmup_steps": opts.warmup_steps,
+        "steps": opts.steps,
+        "actor_threads": opts.actor_threads,
+        "actor_env": actor_env(opts),
+        "actor_env_applied": env_applied,
+        "driver_threads": torch.get_num_threads(),
+        "ray_num_cpus": RAY_NUM_CPUS if started else None,
+        "rows": rows,
+        # the same data and initial weights on every row: the first step's losses agree up to rounding
+        "first_loss_spread": (max(losses) - min(losses)) if losses else None,
+        "seconds": time.perf_counter() - start,
+        "load_average": [load_start, os.getloadavg()[0]],
+        "versions": {"torch": torch.__version__, "ray": ray.__version__},
+    }
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned columns, with a footnote defining the split."""
+    header = ("engine", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
+              "Σ compute", "submit", "wait", "update", "loss@0")  # fmt: skip
+    rows = []
+    for r in report["rows"]:
+        if r["error"]:
+            rows.append([r["label"], str(r.get("actors", "-")), "failed", *["-"] * (len(header) - 3)])
+            continue
+        goal = "-"
+        if r["goal_x_local"]:
+            goal = f"{'ok' if r['goal_met'] else 'MISS'} ≤{r['goal_x_local']:g}"
+        rows.append(
+            [
+                r["label"],
+                str(r["actors"]) if r["actors"] else "-",
+                f"{r['step_s']:.3f}",
+                _cell(r["x_local"], ".2f"),
+                goal,
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['compute_s']:.3f}",
+                r["busiest"],
+                f"{r['other_s']:.3f}",
+                f"{r['sum_compute_s']:.3f}",
+                _cell(r["submit_s"], ".3f"),
+                _cell(r["wait_s"], ".3f"),
+                _cell(r["update_s"], ".3f"),
+                f"{r['first_loss']:.4f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...] | list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    threads = f"RAYMOE_ACTOR_THREADS={report['actor_threads']}" if report["actor_threads"] else "Ray's default threads"
+    extra_env = {k: v for k, v in report["actor_env"].items() if k != "RAYMOE_ACTOR_THREADS"}
+    if extra_env:
+        threads += " " + " ".join(f"{k}={v}" for k, v in extra_env.items())
+    if not report["actor_env_applied"]:
+        threads += " (NOT applied: Ray was already running)"
+    out = [
+        f"raymoe bench graph: preset {report['preset']}, {report['dtype']}, {report['batch_size']}x"
+        f"{report['seq_len']} tokens in {report['micro_batches']} micro-batches per step "
+        f"({report['warmup_steps']} warmup + {report['steps']} timed steps per row); actors: {threads}; "
+        f"driver {report['driver_threads']} threads",
+        "",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(r) for r in rows),
+    ]
+    failures = [f"  {r['label']}: {r['error']}" for r in report["rows"] if r["error"]]
+    if failures:
+        out += ["", "failed:", *failures]
+    out += [
+        "",
+        "seconds per step, of the median timed step (lower median). x local = step s / local's; goal = the issue's "
+        "bound on x local.",
+        "compute = the busiest actor's own compute time in that step (its torch work: critical-path compute); "
+        "xfer+wait = step s - compute:",
+        "  the busiest actor idle (serialization, object store, Ray calls, the driver's round trips, waiting on other "
+        "actors' compute).",
+        "Σ compute = all actors' compute added up. submit + wait + update = step s as the driver sees it (submitting "
+        "the calls,",
+        "  blocked until every actor finished forward+backward, the optimizer-step round trip); (1,1,1) is one call.",
+        "loss@0 = the first step's loss: the same data and initial weights on every row "
+        f"(spread {_cell(report['first_loss_spread'], '.2e')}).",
+        f"took {report['seconds']:.0f} s; 1-min load average {report['load_average'][0]:.2f} before the bench",
+    ]
+    if report["load_average"][0] > 1.0:
+        out.append(
+            f"WARNING: the machine was busy when the bench started (load average {report['load_average'][0]:.2f}); "
+            "rerun on a quiet machine"
+        )
+    return "\n".join(out)

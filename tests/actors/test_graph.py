@@ -1,0 +1,184 @@
+"""The actor graph against the single-process trainer: same losses, parameters, biases and loads.
+
+Every test here runs real Ray actors (the session's local Ray, 2 CPUs; actors take no CPU
+reservation) except where it says ``in_process``: the same schedule on plain objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymoe.actors.driver import GraphTrainer
+from raymoe.actors.stage import GraphError
+from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+from raymoe.platform.config import load_config
+from raymoe.platform.train.loop import LocalEngine, micro_batches
+from raymoe.platform.train.trainer import LocalTrainer
+
+STEPS = 5
+BATCH = 8
+RTOL = 1e-5
+
+
+def _cfg(dp: int = 1, pp: int = 1, ep: int = 1, mb: int = 2, *extra: str):
+    # the local twin gets the same global micro-batches: dp × micro-batches per replica
+    return load_config(
+        "tiny",
+        [f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.micro_batches={mb}",
+         f"train.batch_size={BATCH}", f"train.steps={STEPS * 2}", "train.warmup_steps=1", *extra],
+    )  # fmt: skip
+
+
+def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 512, (BATCH, 33), generator=gen)
+        out.append((x[:, :-1].contiguous(), x[:, 1:].contiguous()))
+    return out
+
+
+def _close(a: float, b: float, rtol: float = RTOL) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
+
+
+def _assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+    assert set(got) == set(want)
+    for name, t in want.items():
+        err = (got[name].float() - t.float()).abs().max().item()
+        assert err <= tol * max(t.abs().max().item(), 1.0), f"{name}: max difference {err:.3g}"
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 3), (2, 2, 3), (2, 1, 2)], ids=lambda t: "dp%d-pp%d-ep%d" % t)
+def test_graph_equals_the_local_trainer(ray_local, layout: tuple[int, int, int]) -> None:
+    dp, pp, ep = layout
+    cfg = _cfg(dp, pp, ep)
+    local = LocalTrainer(_cfg(mb=2 * dp))
+    graph = GraphTrainer(cfg)
+    try:
+        for input_ids, labels in _batches(STEPS):
+            mbs = micro_batches(input_ids, labels, 2 * dp)
+            want, got = local.train_step(mbs), graph.train_step(mbs)
+            assert _close(got.loss, want.loss) and _close(got.main_loss, want.main_loss), (got.loss, want.loss)
+            assert _close(got.mtp_loss, want.mtp_loss) and _close(got.grad_norm, want.grad_norm, 1e-4)
+            assert torch.equal(got.loads, want.loads)  # routing is identical, so are the counts
+        assert local.model.cfg.num_nextn_predict_layers == 1 and local.model.cfg.topk_group < local.model.cfg.n_group
+        _assert_states_close(graph.full_state_dict(), local.model.state_dict())
+        if not graph.colocated:
+            want_bias = torch.stack([m.gate.e_score_correction_bias for m in local.moe_layers])
+            assert torch.allclose(graph.biases, want_bias, atol=1e-7) and want_bias.abs().max() > 0
+    finally:
+        graph.shutdown()
+
+
+def test_bias_update_counts_every_replica_and_micro_batch(ray_local) -> None:
+    """Replica 1 gets deliberately skewed data (one token repeated); the biases must see its loads too."""
+    cfg = _cfg(2, 1, 2, 1)
+    (x, y), = _batches(1)
+    x[BATCH // 2 :], y[BATCH // 2 :] = 7, 7  # the second replica's micro-batch routes every token alike
+    mbs = micro_batches(x, y, 2)
+    local = LocalTrainer(_cfg(mb=2))
+    graph = GraphTrainer(cfg)
+    try:
+        got, want = graph.train_step(mbs), local.train_step(mbs)
+        only_first = LocalTrainer(_cfg(mb=1)).train_step(mbs[:1]).loads
+        assert torch.equal(got.loads, want.loads)
+        assert not torch.equal(got.loads, 2 * only_first)  # the skewed replica changed the totals
+        assert got.loads.sum(dim=1).eq(BATCH * 32 * cfg.model.num_experts_per_tok).all()
+        want_bias = torch.stack([m.gate.e_score_correction_bias for m in local.moe_layers])
+        assert torch.equal(graph.biases, want_bias)
+    finally:
+        graph.shutdown()
+
+
+def test_resharded_checkpoint_continues_the_same_run(ray_local, tmp_path: Path) -> None:
+    """Saved at ep=4, loaded at ep=3 and into the local engine: the next steps' losses are those of the unbroken run."""
+    data = _batches(6, seed=1)
+    straight = GraphTrainer(_cfg(1, 1, 4))
+    try:
+        losses = [straight.train_step(micro_batches(x, y, 2)).loss for x, y in data]
+    finally:
+        straight.shutdown()
+    first = GraphTrainer(_cfg(1, 1, 4))
+    try:
+        for x, y in data[:3]:
+            first.train_step(micro_batches(x, y, 2))
+        ckpt = first.save_checkpoint(str(tmp_path), {"note": "resharding"})
+    finally:
+        first.shutdown()
+    assert latest_checkpoint_uri(str(tmp_path)) == ckpt
+    for engine in ("graph ep=3, pp=2", "local"):
+        if engine == "local":
+            trainer = LocalEngine(_cfg())
+        else:
+            trainer = GraphTrainer(_cfg(1, 2, 3))
+        try:
+            state = trainer.load_checkpoint(ckpt)
+            assert state["note"] == "resharding" and trainer.step == 3
+            again = [trainer.train_step(micro_batches(x, y, 2)).loss for x, y in data[3:]]
+        finally:
+            trainer.close()
+        for got, want in zip(again, losses[3:]):
+            assert _close(got, want), (engine, again, losses[3:])
+
+
+def test_checkpoint_to_a_uri_is_complete_or_invisible(ray_local, tmp_path: Path) -> None:
+    root = f"file://{tmp_path}/run"
+    graph = GraphTrainer(_cfg(1, 2, 2))
+    try:
+        graph.train_step(micro_batches(*_batches(1)[0], 2))
+        ckpt = graph.save_checkpoint(root, {})
+        # a checkpoint that was being written when the process died: a temporary folder, never picked
+        (tmp_path / "run" / "checkpoints" / ".tmp-step_00000002-deadbeef").mkdir()
+        (tmp_path / "run" / "checkpoints" / "step_00000003").mkdir()  # no trainer_state.json: incomplete
+        assert latest_checkpoint_uri(root) == ckpt and ckpt.endswith("step_00000001")
+        files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000001").iterdir())
+        assert files == ["config.json", "experts-00.safetensors", "experts-01.safetensors", "shards.json",
+                         "stage-00.safetensors", "stage-01.safetensors", "trainer_state.json"]  # fmt: skip
+        want = graph.full_state_dict()
+    finally:
+        graph.shutdown()
+    other = GraphTrainer(_cfg(2, 1, 3))
+    try:
+        other.load_checkpoint(ckpt)
+        _assert_states_close(other.full_state_dict(), want, tol=0)
+    finally:
+        other.shutdown()
+
+
+def test_a_dead_actor_is_a_clear_error(ray_local) -> None:
+    import ray
+
+    graph = GraphTrainer(_cfg(1, 1, 2))
+    try:
+        graph.train_step(micro_batches(*_batches(1)[0], 2))
+        ray.kill(graph.shards[1])
+        with pytest.raises(GraphError, match=r"ExpertShard\(1\) died"):
+            graph.train_step(micro_batches(*_batches(1)[0], 2))
+    finally:
+        graph.shutdown()
+
+
+def test_a_step_over_the_timeout_is_an_error(ray_local) -> None:
+    graph = GraphTrainer(_cfg(1, 1, 2, 2, "parallel.timeout_s=30"))
+    try:
+        graph.rt.timeout_s = 1e-3  # no step finishes in a millisecond
+        with pytest.raises(GraphError, match=r"longer than parallel.timeout_s"):
+            graph.train_step(micro_batches(*_batches(1)[0], 2))
+    finally:
+        graph.shutdown()
+
+
+def test_in_process_schedule_equals_ray(ray_local) -> None:
+    """The schedule run on plain objects (no Ray) gives the same step as on actors: a debugging aid that is exact."""
+    mbs = micro_batches(*_batches(1)[0], 2)
+    a = GraphTrainer(_cfg(1, 2, 2), in_process=True).train_step(mbs)
+    graph = GraphTrainer(_cfg(1, 2, 2))
+    try:
+        b = graph.train_step(mbs)
+    finally:
+        graph.shutdown()
+    assert a.loss == b.loss and torch.equal(a.loads, b.loads)

@@ -1,0 +1,59 @@
+"""``raymoe bench graph``: the report's shape, every row run; timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raymoe.pipelines import cli
+from raymoe.platform.benchmarks.graph_bench import LAYOUTS, parse_layouts
+
+ROW_KEYS = {"label", "step_s", "tokens_per_s", "x_local", "compute_s", "other_s", "sum_compute_s", "first_loss"}
+
+
+@pytest.mark.slow
+def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, capsys):
+    """The local engine and the graph at every default layout, one timed step each, on the tiny preset."""
+    out_file = tmp_path / "graph.json"
+    argv = ["bench", "graph", "--preset", "tiny", "--warmup-steps", "0", "--steps", "1", "--json", "--no-progress"]
+    code = cli.main([*argv, "--out", str(out_file)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    lines = stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert json.loads(out_file.read_text()) == report
+    assert (report["preset"], report["steps"], report["micro_batches"]) == ("tiny", 1, 2)
+    rows = report["rows"]
+    assert [r["label"] for r in rows] == ["local"] + [f"graph {dp},{pp},{ep}" for dp, pp, ep in LAYOUTS]
+    for r in rows:
+        assert r["error"] is None, r
+        assert ROW_KEYS <= r.keys()
+        assert len(r["steps_s"]) == 1 and r["step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["compute_s"] > 0 and r["sum_compute_s"] >= r["compute_s"]
+        assert r["compute_s"] + r["other_s"] == pytest.approx(r["step_s"])
+    assert rows[0]["x_local"] == 1.0
+    graph = {(r["dp"], r["pp"], r["ep"]): r for r in rows[1:]}
+    assert graph[(2, 1, 2)]["micro_batches_per_replica"] == 1 and graph[(1, 1, 2)]["micro_batches_per_replica"] == 2
+    # actors: one colocated; stages + shards; the driver's phases add up to the step
+    assert [graph[layout]["actors"] for layout in LAYOUTS] == [1, 3, 4, 4]
+    r = graph[(1, 1, 2)]
+    assert set(r["compute_by_actor"]) == {"stage_r0_s0", "shard_0", "shard_1"}
+    assert r["submit_s"] + r["wait_s"] + r["update_s"] == pytest.approx(r["step_s"], rel=1e-6)
+    # the same data and initial weights everywhere: the first step's loss agrees
+    assert report["first_loss_spread"] < 1e-4
+    table = "\n".join(lines[:-1])
+    assert "graph 1,1,2" in table and "xfer+wait" in table and "x local" in table
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--steps", "0"], ["--dtype", "fp16"], ["--layouts", "1,1"], ["--micro-batches", "3"], ["--actor-env", "X"]],
+)
+def test_bench_graph_rejects_bad_options_before_running(argv, capsys):
+    assert cli.main(["bench", "graph", "--preset", "tiny", "--no-progress", *argv]) == 2
+    assert "configuration error" in capsys.readouterr().err
+
+
+def test_parse_layouts():
+    assert parse_layouts("1,1,1 1,2,2;2,1,2") == ((1, 1, 1), (1, 2, 2), (2, 1, 2))
