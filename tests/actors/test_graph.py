@@ -52,7 +52,10 @@ def _assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         assert err <= tol * max(t.abs().max().item(), 1.0), f"{name}: max difference {err:.3g}"
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 3), (2, 2, 3), (2, 1, 2)], ids=lambda t: "dp%d-pp%d-ep%d" % t)
+LAYOUTS = [(1, 1, 1), (1, 1, 3), (2, 2, 3), (2, 1, 2)]  # (dp, pp, ep)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "dp{}-pp{}-ep{}".format(*t))
 def test_graph_equals_the_local_trainer(ray_local, layout: tuple[int, int, int]) -> None:
     dp, pp, ep = layout
     cfg = _cfg(dp, pp, ep)
@@ -77,7 +80,7 @@ def test_graph_equals_the_local_trainer(ray_local, layout: tuple[int, int, int])
 def test_bias_update_counts_every_replica_and_micro_batch(ray_local) -> None:
     """Replica 1 gets deliberately skewed data (one token repeated); the biases must see its loads too."""
     cfg = _cfg(2, 1, 2, 1)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     x[BATCH // 2 :], y[BATCH // 2 :] = 7, 7  # the second replica's micro-batch routes every token alike
     mbs = micro_batches(x, y, 2)
     local = LocalTrainer(_cfg(mb=2))

@@ -35,7 +35,8 @@ def test_graph_run_resumes_exactly_and_is_tracked(tiny_data: Path, tmp_path: Pat
         assert abs(got - want) <= 1e-5 * want
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(full.run_id)
     assert run.data.params["engine"] == "graph"
-    assert (run.data.params["graph.pp"], run.data.params["graph.ep"], run.data.params["graph.actors"]) == ("2", "2", "4")
+    params = run.data.params
+    assert (params["graph.pp"], params["graph.ep"], params["graph.actors"]) == ("2", "2", "4")
     metrics = run.data.metrics
     for key in ("compute_s/stage_r0_s0", "compute_s/stage_r0_s1", "wait_s/shard_1", "tokens/shard_0",
                 "tokens/shard_1", "graph/step_s", "loss", "val/loss"):  # fmt: skip
@@ -52,7 +53,8 @@ def test_exported_checkpoint_loads_in_transformers_and_generate(tiny_data: Path,
 
     result = pretrain(_cfg(tmp_path, 3, "parallel.ep=2"), tiny_data, tmp_path / "run", progress=False, engine="graph")
     out = tmp_path / "hf"
-    cmd = [sys.executable, "-m", "raymoe.pipelines.cli", "export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "raymoe.pipelines.cli", "export", "--checkpoint", str(tmp_path / "run"),
+           "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
