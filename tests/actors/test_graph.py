@@ -185,3 +185,22 @@ def test_in_process_schedule_equals_ray(ray_local) -> None:
     finally:
         graph.shutdown()
     assert a.loss == b.loss and torch.equal(a.loads, b.loads)
+
+
+def test_a_shard_without_tokens_still_takes_part(ray_local) -> None:
+    """Biases that steer every token away from shard 1: it gets empty buffers, steps with zero gradients, stays equal."""
+    local, graph = LocalTrainer(_cfg(mb=2)), GraphTrainer(_cfg(1, 1, 2))
+    try:
+        with torch.no_grad():
+            for moe in local.moe_layers:
+                moe.gate.e_score_correction_bias[4:] = -10.0  # experts 4..7 live on shard 1
+        graph.biases[:, 4:] = -10.0
+        for s in range(graph.pp):
+            graph._get([graph.rt.call(graph.stages[0][s], "set_biases", graph._biases_for(s))[0]], what="test")
+        mbs = micro_batches(*_batches(1)[0], 2)
+        got, want = graph.train_step(mbs), local.train_step(mbs)
+        assert got.extra["tokens/shard_1"] == 0 and got.extra["tokens/shard_0"] > 0
+        assert _close(got.loss, want.loss) and torch.equal(got.loads, want.loads)
+        _assert_states_close(graph.full_state_dict(), local.model.state_dict())  # shard 1's experts decayed alike
+    finally:
+        graph.shutdown()
