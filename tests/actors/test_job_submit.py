@@ -113,7 +113,7 @@ def ray_head(tmp_path: Path) -> Iterator[Head]:
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env |= {
-        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # as `source .venv/bin/activate`: `python` is the venv's
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # as after `source .venv/bin/activate`
         "VIRTUAL_ENV": str(VENV_BIN.parent),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
@@ -168,7 +168,7 @@ def test_ray_job_submit_runs_pretraining_on_the_actor_graph(ray_head: Head, tmp_
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     status = _run([ray, "job", "status", "--address", ray_head.address, job_id], env=ray_head.env)
-    assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
     logs = _run([ray, "job", "logs", "--address", ray_head.address, job_id], env=ray_head.env)
     assert "trained to step 4" in logs.stdout, logs.stdout + logs.stderr
     assert (output / "checkpoints" / "step_00000004" / "trainer_state.json").is_file()
