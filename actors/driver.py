@@ -62,7 +62,7 @@ class ColocatedStage:
     def __init__(self, cfg: RaymoeConfig) -> None:
         from raymoe.actors.stage import set_threads
 
-        set_threads()
+        set_threads(cfg.parallel.num_cpus_per_actor)
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.trainer = LocalTrainer(cfg)

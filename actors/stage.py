@@ -71,11 +71,22 @@ class GraphError(RuntimeError):
     """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
 
 
-def set_threads() -> None:
-    """``RAYMOE_ACTOR_THREADS`` caps torch's threads in an actor (Ray sets OMP_NUM_THREADS from num_cpus)."""
+def set_threads(num_cpus: float = 0.0) -> int:
+    """Torch threads of an actor: ``RAYMOE_ACTOR_THREADS``, else its CPU reservation, else the machine's cores.
+
+    Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the default here), which would
+    run its matrix products on one core: measured on 2 cores, the colocated graph at half the
+    local engine's speed. The actors of one step mostly compute one after another, so each may
+    use every core."""
     threads = os.environ.get("RAYMOE_ACTOR_THREADS")
     if threads:
-        torch.set_num_threads(int(threads))
+        n = int(threads)
+    elif num_cpus >= 1:
+        n = int(num_cpus)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(n, 1))
+    return torch.get_num_threads()
 
 
 def free_port() -> int:
@@ -134,7 +145,7 @@ class AttentionStage(_Collective):
     """
 
     def __init__(self, cfg: RaymoeConfig, placement: Placement, replica: int, stage: int) -> None:
-        set_threads()
+        set_threads(cfg.parallel.num_cpus_per_actor)
         self.cfg = cfg
         self.placement = placement
         self.replica, self.stage = replica, stage
