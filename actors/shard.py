@@ -44,7 +44,7 @@ class ExpertShard:
     """
 
     def __init__(self, cfg: RaymoeConfig, placement: Placement, shard: int) -> None:
-        set_threads(cfg.parallel.num_cpus_per_actor)
+        set_threads(cfg.parallel.num_cpus_per_actor, peers=placement.ep)
         self.cfg = cfg
         self.placement = placement
         self.shard = shard

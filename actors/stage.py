@@ -71,20 +71,23 @@ class GraphError(RuntimeError):
     """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
 
 
-def set_threads(num_cpus: float = 0.0) -> int:
-    """Torch threads of an actor: ``RAYMOE_ACTOR_THREADS``, else its CPU reservation, else the machine's cores.
+def set_threads(num_cpus: float = 0.0, peers: int = 1) -> int:
+    """Torch threads of an actor: ``RAYMOE_ACTOR_THREADS``, else its CPU reservation, else its share of the cores.
 
-    Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the default here), which would
-    run its matrix products on one core: measured on 2 cores, the colocated graph at half the
-    local engine's speed. The actors of one step mostly compute one after another, so each may
-    use every core."""
+    Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the default here), which runs
+    a colocated graph's matrix products on one core (measured on 2 cores: the whole model at
+    half the local engine's speed). Giving every actor all cores is worse where actors compute
+    at the same time: two expert shards with 2 OpenMP threads each on 2 cores took 5× longer
+    than with 1 thread each (1.5 s against 0.3 s of a `small` step). So an actor takes the
+    cores divided by ``peers``, the actors of its kind that run at once (replicas, shards)."""
     threads = os.environ.get("RAYMOE_ACTOR_THREADS")
     if threads:
         n = int(threads)
     elif num_cpus >= 1:
         n = int(num_cpus)
     else:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = cores // max(peers, 1)
     torch.set_num_threads(max(n, 1))
     return torch.get_num_threads()
 
@@ -145,7 +148,7 @@ class AttentionStage(_Collective):
     """
 
     def __init__(self, cfg: RaymoeConfig, placement: Placement, replica: int, stage: int) -> None:
-        set_threads(cfg.parallel.num_cpus_per_actor)
+        set_threads(cfg.parallel.num_cpus_per_actor, peers=cfg.parallel.dp)
         self.cfg = cfg
         self.placement = placement
         self.replica, self.stage = replica, stage
