@@ -204,3 +204,18 @@ def test_a_shard_without_tokens_still_takes_part(ray_local) -> None:
         _assert_states_close(graph.full_state_dict(), local.model.state_dict())  # shard 1's experts decayed alike
     finally:
         graph.shutdown()
+
+
+def test_a_local_engine_checkpoint_loads_into_the_graph(tmp_path: Path) -> None:
+    """The other direction: the local engine's Hugging Face-layout checkpoint, re-sharded over pp=2, ep=3."""
+    data = _batches(6, seed=1)
+    straight = LocalEngine(_cfg())
+    losses = [straight.train_step(micro_batches(x, y, 2)).loss for x, y in data]
+    first = LocalEngine(_cfg())
+    for x, y in data[:3]:
+        first.train_step(micro_batches(x, y, 2))
+    ckpt = first.save_checkpoint(str(tmp_path), {"loader": {}}, [])
+    graph = GraphTrainer(_cfg(1, 2, 3), in_process=True)  # the same schedule and loading code, without Ray
+    graph.load_checkpoint(str(ckpt))
+    again = [graph.train_step(micro_batches(x, y, 2)).loss for x, y in data[3:]]
+    assert all(_close(a, b) for a, b in zip(again, losses[3:])), (again, losses[3:])
