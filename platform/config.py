@@ -96,7 +96,7 @@ class ParallelConfig:
     micro_batches: int = 1
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
-    timeout_s: float = 300.0  # the longest the driver waits on the actors for one step (then: an error)
+    timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
 
 
 @dataclass(kw_only=True)
@@ -132,6 +132,7 @@ class DataConfig:
     path: str | None = None
     num_workers: int = 2
     val_fraction: float = 0.01
+    record_samples: bool = False  # write OUTPUT/samples.jsonl: the sample ids of every completed step
 
 
 @dataclass(kw_only=True)
@@ -154,6 +155,20 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class ElasticConfig:
+    """What the actor graph does when actors die or resources change (graph engine only)."""
+
+    enabled: bool = True  # recover from failures; False: the first failure ends the run
+    max_failures: int = 3  # failures tolerated within window_s (then the run fails)
+    window_s: float = 3600.0
+    backoff_s: float = 1.0  # before rebuilding; doubles on consecutive failures
+    max_backoff_s: float = 30.0
+    min_dp: int = 1  # the smallest layout the graph may shrink to
+    min_ep: int = 1
+    grow: bool = True  # grow back toward parallel.dp/ep at step boundaries when actors fit again
+
+
+@dataclass(kw_only=True)
 class RaymoeConfig:
     """The whole configuration of one run."""
 
@@ -163,6 +178,7 @@ class RaymoeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -313,6 +329,13 @@ def validate(cfg: RaymoeConfig) -> None:
     _positive("parallel", p, ("dp", "pp", "ep", "micro_batches"))
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
     _positive("parallel", p, ("timeout_s",))
+    e = cfg.elastic
+    _positive("elastic", e, ("max_failures", "window_s", "backoff_s", "max_backoff_s", "min_dp", "min_ep"),
+              ("max_failures", "backoff_s", "max_backoff_s"))  # fmt: skip
+    if e.min_dp > p.dp or e.min_ep > p.ep:
+        raise ConfigError(
+            f"elastic.min_dp/min_ep ({e.min_dp}/{e.min_ep}) must not exceed parallel.dp/ep ({p.dp}/{p.ep})"
+        )
     if p.pp > cfg.model.num_hidden_layers:
         raise ConfigError(f"parallel.pp ({p.pp}) is more than model.num_hidden_layers ({cfg.model.num_hidden_layers})")
     if p.ep > cfg.model.n_routed_experts:

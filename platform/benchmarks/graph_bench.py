@@ -27,14 +27,19 @@ Reported per row (every number is measured in the run, nothing is estimated):
   - **compute**: the largest ``compute_s/<actor>`` of the step, i.e. the seconds the busiest
     actor spent inside torch (forward and backward pieces, expert passes, gradient reduction and
     norms, the optimizer step), timed by the actor itself. No schedule can be faster than this
-    on its actor. Local: the whole step. (1,1,1): the trainer's own step time inside its actor.
-  - **transfer+wait** = step − compute: the time the busiest actor was *not* computing:
+    on its actor. It is wall time: while another process holds the core, it still counts.
+    Local: the whole step. (1,1,1): the trainer's own step time inside its actor.
+  - **xfer+wait** = step − compute: the time the busiest actor was *not* computing:
     serializing arguments and results, the object store, Ray's per-call dispatch, the driver's
     submissions and round trips, and waiting for other actors' compute it depends on. (It is
     not split further: the actors time only their own compute.)
   - **Σ compute**: every actor's compute added up. Against the local step it shows how much
-    the cut itself costs in compute (smaller matmuls, thread settings); against
-    2 cores × step s, how busy the machine was.
+    the cut costs in compute (smaller matmuls, threads slowed by other processes on the cores).
+  - **Σ CPU**: the CPU seconds (user + system, every thread, read from ``/proc/<pid>/stat``
+    before and after the step) of every actor process and of this process (the driver);
+    **cores**: the whole machine's busy CPU seconds in the step ÷ step s (at most 2 here; it
+    counts Ray's own processes and anything else running). Threads that spin while waiting
+    count as busy.
 
 - The driver's view of the same step (graph rows with more than one actor), which partitions
   step s: **submit** (building and submitting every call of the forward and backward, which
@@ -43,16 +48,26 @@ Reported per row (every number is measured in the run, nothing is estimated):
   round trip of every actor's optimizer step). (1,1,1) is one call: its driver wait is the
   whole step.
 
-Threads: Ray starts every actor with ``OMP_NUM_THREADS`` from its ``num_cpus``, which is 1
-for the graph's ``num_cpus=0`` actors, while the local engine uses torch's default (one thread
-per core: 2 here). ``RAYMOE_ACTOR_THREADS`` (read by :func:`raymoe.actors.stage.set_threads`)
-overrides that in every actor; this benchmark passes ``--actor-threads`` (default
-:data:`DEFAULT_ACTOR_THREADS` = 2 = the cores) through ``ray.init(runtime_env={"env_vars":
-...})``; 0 leaves Ray's default. Measured on the 2-core machine (bench preset, fp32, 2 timed
-steps): at (1,1,1) 1 thread ran the step ~1.6× slower than local and 2 threads matched it,
-because the one actor computes alone; at (1,1,2), whose three actors compute mostly one after
-another (the stage waits for the shards and the shards for the stage), 2 threads were also
-faster than 1. ``--actor-env KEY=VALUE`` passes any other variable (e.g. ``OMP_WAIT_POLICY``).
+Threads: every actor sets its torch threads with :func:`raymoe.actors.stage.set_threads`:
+``RAYMOE_ACTOR_THREADS`` when set, else its share of the cores (the cores ÷ the actors of its
+kind that compute at once: the colocated actor and a dp = 1 stage take 2 here, each of 2 shards
+or of 2 replicas 1). ``--actor-threads N`` sets ``RAYMOE_ACTOR_THREADS`` for every actor through
+``ray.init(runtime_env={"env_vars": ...})``, ``--actor-env KEY=VALUE`` any other variable; the
+default (``--actor-threads 0``, no variables) leaves the actors' own choice, so the benchmark
+measures the graph as ``raymoe pretrain`` runs it. Measured on the 2-core machine (bench preset,
+fp32, 2 timed steps per row; ``x local`` of (1,1,1) / (1,1,2) / (1,2,2) / (2,1,2); runs differ
+by up to ~10 %):
+
+- own share (the default):                1.00 / 1.32 / 1.36 / 1.02
+- ``RAYMOE_ACTOR_THREADS=2`` (all):       1.04 / 3.26 / 3.81 / 4.15 (oversubscribed: Σ compute
+  17 s at (1,1,2) against a 2.3 s local step)
+- ``RAYMOE_ACTOR_THREADS=1`` (all):       1.64 / 1.37 / 1.44 / 1.20 (the colocated actor on one core)
+- own share + ``OMP_WAIT_POLICY=PASSIVE``: 1.16 / 1.05 / 1.09 / 0.97
+- own share + ``GOMP_SPINCOUNT=1000``:    1.04 / 1.18 / 1.15 / 1.16
+
+Where several actors take turns on the cores, torch's OpenMP threads that spin while waiting
+for work (libgomp's default) take the cores from the actor that has work: letting them sleep
+brings (1,1,2) from 1.32 to 1.05, but slows the lone colocated actor (1.00 → 1.16).
 """
 
 from __future__ import annotations
@@ -76,8 +91,11 @@ LOCAL = "local"
 GRAPH = "graph"
 LAYOUTS: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 1, 2), (1, 2, 2), (2, 1, 2))
 DTYPES = ("fp32", "bf16")
-DEFAULT_ACTOR_THREADS = 2  # torch threads per actor (RAYMOE_ACTOR_THREADS); 0 = Ray's default (1)
+DEFAULT_ACTOR_THREADS = 0  # RAYMOE_ACTOR_THREADS for every actor; 0 = unset: each actor's share of the cores
 RAY_NUM_CPUS = 2
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+DRIVER = "driver"  # this process: the local engine, or the graph's driver
+MACHINE = "machine"  # every process of the machine (CPU seconds not idle)
 SEED = 0
 # goals of the issue: the graph's step time over the local engine's
 GOALS = {(1, 1, 1): 1.05, (1, 1, 2): 1.5}
@@ -95,7 +113,7 @@ class GraphBenchOptions:
     warmup_steps: int = 1
     steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
     dtype: str | None = None  # fp32 | bf16; None = the preset's train.dtype
-    actor_threads: int = DEFAULT_ACTOR_THREADS  # RAYMOE_ACTOR_THREADS for every actor; 0 = Ray's default
+    actor_threads: int = DEFAULT_ACTOR_THREADS  # RAYMOE_ACTOR_THREADS for every actor; 0 = unset
     actor_env: dict[str, str] = field(default_factory=dict)  # more environment variables for the actors
 
 
@@ -197,20 +215,50 @@ def _start_ray(opts: GraphBenchOptions) -> tuple[bool, bool]:
     return True, True
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of process ``pid`` so far; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name: state is fields[0]
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine spent not idle so far (all processes); None without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(values) - values[3] - values[4]) / CLK_TCK
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
+    return {**{key: _process_cpu_s(pid) for key, pid in pids.items()}, MACHINE: _machine_busy_s()}
+
+
 def _time_steps(
-    step: Callable[[], Any], opts: GraphBenchOptions, progress: Callable[[], None] | None
-) -> tuple[list[float], list[dict[str, float]], list[float]]:
-    """Run the warmup and timed steps; (driver seconds, ``extra`` timings, loss) of each, warmup included."""
-    seconds, extras, losses = [], [], []
+    step: Callable[[], Any], opts: GraphBenchOptions, pids: dict[str, int], progress: Callable[[], None] | None
+) -> tuple[list[float], list[dict[str, float]], list[float], list[dict[str, float | None]]]:
+    """Run the warmup and timed steps; (driver seconds, ``extra`` timings, loss, CPU seconds per process and of the
+    machine) of each, warmup included."""
+    seconds, extras, losses, cpus = [], [], [], []
     for _ in range(opts.warmup_steps + opts.steps):
+        before = _cpu_snapshot(pids)
         t0 = time.perf_counter()
         m = step()
         seconds.append(time.perf_counter() - t0)
+        after = _cpu_snapshot(pids)
+        cpus.append(
+            {k: after[k] - before[k] if after[k] is not None and before[k] is not None else None for k in after}
+        )
         extras.append(dict(m.extra))
         losses.append(float(m.loss))
         if progress is not None:
             progress()
-    return seconds, extras, losses
+    return seconds, extras, losses, cpus
 
 
 def _median_index(values: list[float]) -> int:
@@ -219,11 +267,19 @@ def _median_index(values: list[float]) -> int:
     return values.index(low)
 
 
-def _split(seconds: float, extra: dict[str, float], local: bool) -> dict[str, Any]:
-    """One step's split: compute of the busiest actor, the rest, all compute, the driver's phases."""
+def _split(seconds: float, extra: dict[str, float], cpu: dict[str, float | None], local: bool) -> dict[str, Any]:
+    """One step's split: compute of the busiest actor, the rest, all compute, CPU time, the driver's phases."""
+    processes = {k: v for k, v in cpu.items() if k != MACHINE}
+    cpu_fields = {
+        "cpu_by_process": processes,
+        "sum_cpu_s": None if None in processes.values() else sum(processes.values()),
+        "machine_cpu_s": cpu[MACHINE],
+        "cores_busy": cpu[MACHINE] / seconds if cpu[MACHINE] is not None else None,
+    }
     if local:
         return {"compute_s": seconds, "busiest": LOCAL, "other_s": 0.0, "sum_compute_s": seconds,
-                "submit_s": None, "wait_s": None, "update_s": None, "compute_by_actor": {LOCAL: seconds}}  # fmt: skip
+                "submit_s": None, "wait_s": None, "update_s": None, "compute_by_actor": {LOCAL: seconds},
+                **cpu_fields}  # fmt: skip
     by_actor = {k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith("compute_s/")}
     busiest = max(by_actor, key=by_actor.get)
     step_s = extra.get("graph/step_s", seconds)
@@ -236,6 +292,7 @@ def _split(seconds: float, extra: dict[str, float], local: bool) -> dict[str, An
         "wait_s": extra.get("graph/wait_s", step_s if len(by_actor) == 1 else None),
         "update_s": extra.get("graph/update_s"),
         "compute_by_actor": by_actor,
+        **cpu_fields,
     }
 
 
@@ -269,14 +326,16 @@ def run_row(
 
             trainer = LocalTrainer(cfg)
             row["actors"] = 0
+            pids = {DRIVER: os.getpid()}
         else:
             from raymoe.actors.driver import GraphTrainer
 
             trainer = GraphTrainer(cfg)
             row["actors"] = len(trainer.actors())
             row["actor_keys"] = trainer.actor_keys()
+            pids = {**dict(zip(trainer.actor_keys(), trainer.pids.values())), DRIVER: os.getpid()}
         row["startup_s"] = time.perf_counter() - t0
-        seconds, extras, losses = _time_steps(lambda: trainer.train_step(batches), opts, progress)
+        seconds, extras, losses, cpus = _time_steps(lambda: trainer.train_step(batches), opts, pids, progress)
     except Exception as exc:  # noqa: BLE001 - a failed row is reported, the bench goes on
         logger.exception("%s failed", row["label"])
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -299,7 +358,7 @@ def run_row(
             "tokens_per_s": tokens / step_s[i],
             "first_loss": losses[0],
             "losses": losses,
-            **_split(step_s[i], timed_extra[i], layout is None),
+            **_split(step_s[i], timed_extra[i], cpus[opts.warmup_steps + i], layout is None),
         }
     )
     return row
@@ -369,7 +428,7 @@ def _cell(value: float | None, fmt: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned columns, with a footnote defining the split."""
     header = ("engine", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
-              "Σ compute", "submit", "wait", "update", "loss@0")  # fmt: skip
+              "Σ compute", "Σ CPU", "cores", "submit", "wait", "update", "loss@0")  # fmt: skip
     rows = []
     for r in report["rows"]:
         if r["error"]:
@@ -390,6 +449,8 @@ def format_table(report: dict[str, Any]) -> str:
                 r["busiest"],
                 f"{r['other_s']:.3f}",
                 f"{r['sum_compute_s']:.3f}",
+                _cell(r["sum_cpu_s"], ".2f"),
+                _cell(r["cores_busy"], ".2f"),
                 _cell(r["submit_s"], ".3f"),
                 _cell(r["wait_s"], ".3f"),
                 _cell(r["update_s"], ".3f"),
@@ -401,7 +462,7 @@ def format_table(report: dict[str, Any]) -> str:
     def line(cells: tuple[str, ...] | list[str]) -> str:
         return "  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    threads = f"RAYMOE_ACTOR_THREADS={report['actor_threads']}" if report["actor_threads"] else "Ray's default threads"
+    threads = f"RAYMOE_ACTOR_THREADS={report['actor_threads']}" if report["actor_threads"] else "own thread counts"
     extra_env = {k: v for k, v in report["actor_env"].items() if k != "RAYMOE_ACTOR_THREADS"}
     if extra_env:
         threads += " " + " ".join(f"{k}={v}" for k, v in extra_env.items())
@@ -422,17 +483,21 @@ def format_table(report: dict[str, Any]) -> str:
         out += ["", "failed:", *failures]
     out += [
         "",
-        "seconds per step, of the median timed step (lower median). x local = step s / local's; goal = the issue's "
-        "bound on x local.",
-        "compute = the busiest actor's own compute time in that step (its torch work: critical-path compute); "
-        "xfer+wait = step s - compute:",
-        "  the busiest actor idle (serialization, object store, Ray calls, the driver's round trips, waiting on other "
-        "actors' compute).",
-        "Σ compute = all actors' compute added up. submit + wait + update = step s as the driver sees it (submitting "
-        "the calls,",
-        "  blocked until every actor finished forward+backward, the optimizer-step round trip); (1,1,1) is one call.",
-        "loss@0 = the first step's loss: the same data and initial weights on every row "
-        f"(spread {_cell(report['first_loss_spread'], '.2e')}).",
+        "Seconds of the median timed step (the lower median). x local = step s / the local engine's; goal = the "
+        "issue's bound on x local.",
+        "compute = the busiest actor's compute in that step (wall time inside its torch calls, as the actor times "
+        "it; the local engine: the whole step);",
+        "  xfer+wait = step s - compute: the busiest actor not computing (serialization, object store, Ray calls, "
+        "the driver's round trips,",
+        "  waiting on the other actors). Σ compute = every actor's compute added up (wall times: a process "
+        "sharing a core counts its waits).",
+        "Σ CPU = CPU seconds (user + system, from /proc) of the actors and this process in the step; cores = the "
+        "machine's busy CPU seconds / step s.",
+        "submit + wait + update = step s as the driver sees it: submitting every call, blocked until every actor "
+        "finished forward and backward,",
+        "  the optimizer step's round trip; (1,1,1) is one call (all wait). loss@0 = the first step's loss: the "
+        "same data and initial weights",
+        f"  on every row (spread {_cell(report['first_loss_spread'], '.2e')}).",
         f"took {report['seconds']:.0f} s; 1-min load average {report['load_average'][0]:.2f} before the bench",
     ]
     if report["load_average"][0] > 1.0:

@@ -9,8 +9,12 @@ was never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +25,24 @@ import torch
 from raymoe.platform.checkpoint.sharded import filesystem as checkpoint_filesystem
 from raymoe.platform.checkpoint.sharded import is_local, latest_checkpoint_uri
 from raymoe.platform.config import ConfigError, RaymoeConfig, config_to_dict, flatten
-from raymoe.platform.data.loader import ShardLoader, iter_batches
+from raymoe.platform.data.loader import ShardLoader, iter_batches, to_batch
 from raymoe.platform.train.checkpointing import load_training_checkpoint, save_training_checkpoint
 from raymoe.platform.train.trainer import LocalTrainer, StepMetrics
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def _graph_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from raymoe.actors.stage import GraphError
+    except ImportError:  # pragma: no cover - the actors package is part of raymoe
+        return ()
+    return (GraphError,)
+
+
+GRAPH_ERRORS = _graph_errors()
 
 
 @dataclass
@@ -46,6 +61,8 @@ class PretrainResult:
     max_vio_batch_tail: float  # mean MaxVio_batch over the last fifth of the steps
     run_id: str | None
     tracking_warning: str | None
+    failures: int = 0  # actor-graph failures recovered from
+    recovery_s: list[float] = dataclasses.field(default_factory=list)  # detection -> next completed step
 
 
 def micro_batches(input_ids: torch.Tensor, labels: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -101,12 +118,17 @@ class LocalEngine:
         pass
 
 
-def build_engine(cfg: RaymoeConfig, engine: str) -> Any:
-    """``local`` (this process) or ``graph`` (the Ray actor graph of ``cfg.parallel``)."""
+def build_engine(cfg: RaymoeConfig, engine: str, output: str | Path | None = None) -> Any:
+    """``local`` (this process) or ``graph`` (the Ray actor graph of ``cfg.parallel``; elastic unless
+    ``elastic.enabled`` is false)."""
     if engine == "local":
         return LocalEngine(cfg)
     if engine == "graph":
-        from raymoe.actors.driver import GraphTrainer  # Ray only when asked for
+        if cfg.elastic.enabled:  # Ray only when asked for
+            from raymoe.actors.elastic import ElasticGraph
+
+            return ElasticGraph(cfg, control_dir=output)
+        from raymoe.actors.driver import GraphTrainer
 
         return GraphTrainer(cfg)
     raise ConfigError(f"engine must be 'local' or 'graph', got {engine!r}")
@@ -164,7 +186,7 @@ def pretrain(
     ckpt_root = tc.checkpoint_uri or str(output)
     torch.manual_seed(tc.seed)
     engine_name = engine if isinstance(engine, str) else type(engine).__name__
-    trainer = build_engine(cfg, engine) if isinstance(engine, str) else engine
+    trainer = build_engine(cfg, engine, output) if isinstance(engine, str) else engine
     try:
         return _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress,
                          run_name, experiment, eval_batches, on_step, n_micro, eval_batch)  # fmt: skip
@@ -173,7 +195,7 @@ def pretrain(
             trainer.close()
 
 
-def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress, run_name,  # noqa: ANN001, ANN202, PLR0913
+def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress, run_name,  # noqa: ANN001, ANN202, PLR0913, PLR0915
               experiment, eval_batches, on_step, n_micro, eval_batch):  # fmt: skip
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -182,6 +204,7 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
 
     tc = cfg.train
     run_id = None
+    record = SampleRecord(Path(output) / SAMPLES_FILE) if cfg.data.record_samples else None
     if resume:
         ckpt = latest_checkpoint_uri(ckpt_root)
         if ckpt is None:
@@ -191,6 +214,8 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
             loader.load_state_dict(state["loader"])
             run_id = state.get("mlflow_run_id")
             logger.info("resumed from %s at step %d", ckpt, trainer.step)
+    if record is not None:
+        record.truncate(trainer.step)  # steps after the checkpoint are done again
     tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id)
     params = flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": engine_name}
     tracker.start(params | trainer.describe())
@@ -198,40 +223,79 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
     extra = [tokenizer] if tokenizer.is_file() else []
     if extra and trainer.step == 0:
         tracker.log_artifact(tokenizer)
+    elastic = hasattr(trainer, "recover")  # the elastic graph: failures are recovered from
 
     def checkpoint() -> str | Path:
         state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}
         return trainer.save_checkpoint(ckpt_root, state, extra)
 
-    losses: list[float] = []
-    vios: list[float] = []
+    losses: dict[int, float] = {}
+    vios: dict[int, float] = {}
     tokens, seconds = 0, 0.0
     last_ckpt: str | Path | None = None
     start = trainer.step
+    recovering_since: float | None = None
+    recoveries: list[float] = []
     status = "FAILED"
     try:
         with logging_redirect_tqdm():
-            bar = tqdm(range(start, tc.steps), desc="pretrain", disable=not progress, unit="step", dynamic_ncols=True)
-            for step in bar:
-                input_ids, labels = loader.next_batch()
-                m = trainer.train_step(micro_batches(input_ids, labels, n_micro))
-                losses.append(m.loss)
-                vios.append(float(m.max_vio.mean()) if m.max_vio.numel() else 0.0)
-                if step > start:  # the first step pays one-time costs
-                    tokens, seconds = tokens + m.tokens, seconds + m.seconds
-                tracker.log_step(m)
-                if on_step is not None:
-                    on_step(m)
-                bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}", maxvio=f"{vios[-1]:.2f}")
-                if tc.log_every and (step % tc.log_every == 0 or step == tc.steps - 1):
-                    _log(m)
-                done = trainer.step
-                if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
-                    val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
-                    tracker.log_eval(done, val_loss, vio)
-                    logger.info("step %d validation loss %.4f MaxVio_global %.3f", done, val_loss, _mean(vio))
-                if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-                    last_ckpt = checkpoint()
+            bar = tqdm(total=tc.steps, initial=start, desc="pretrain", disable=not progress, unit="step",
+                       dynamic_ncols=True)  # fmt: skip
+            while trainer.step < tc.steps:
+                try:
+                    if elastic and trainer.at_step_boundary(checkpoint):
+                        tracker.log_metrics({"elastic/dp": trainer.layout.dp, "elastic/ep": trainer.layout.ep},
+                                            trainer.step)  # fmt: skip
+                    step = trainer.step
+                    indices = loader.next_indices()
+                    epoch = loader.epoch
+                    input_ids, labels = to_batch(loader.store.rows(indices))
+                    m = trainer.train_step(micro_batches(input_ids, labels, n_micro))
+                    if record is not None:
+                        record.add(step, epoch, indices)
+                    losses[step] = m.loss
+                    vios[step] = float(m.max_vio.mean()) if m.max_vio.numel() else 0.0
+                    if step > start:  # the first step pays one-time costs
+                        tokens, seconds = tokens + m.tokens, seconds + m.seconds
+                    if recovering_since is not None:  # from detection to this completed step
+                        recoveries.append(time.perf_counter() - recovering_since)
+                        m.extra["elastic/recovery_s"] = recoveries[-1]
+                        logger.warning("recovered: step %d done %.1f s after the failure was detected", step,
+                                       recoveries[-1])  # fmt: skip
+                        recovering_since = None
+                    tracker.log_step(m)
+                    if on_step is not None:
+                        on_step(m)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}", maxvio=f"{vios[step]:.2f}")
+                    if tc.log_every and (step % tc.log_every == 0 or step == tc.steps - 1):
+                        _log(m)
+                    done = trainer.step
+                    if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+                        val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
+                        tracker.log_eval(done, val_loss, vio)
+                        logger.info("step %d validation loss %.4f MaxVio_global %.3f", done, val_loss, _mean(vio))
+                    if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+                        last_ckpt = checkpoint()
+                except GRAPH_ERRORS as exc:
+                    if not elastic:
+                        raise
+                    recovering_since = time.perf_counter()
+                    tracker.set_tag("elastic.last_failure", str(exc).splitlines()[0][:500])
+                    tracker.log_metrics({"elastic/failures": trainer.failures + 1}, trainer.step)
+                    state = trainer.recover(exc, ckpt_root)
+                    if state is None:  # no checkpoint yet: from the start
+                        loader.load_state_dict(ShardLoader(data_dir, "train", tc.batch_size, tc.seed).state_dict())
+                    else:
+                        loader.load_state_dict(state["loader"])
+                    if record is not None:
+                        record.truncate(trainer.step)
+                    for s in [s for s in losses if s >= trainer.step]:
+                        del losses[s], vios[s]
+                    bar.n = trainer.step
+                    tracker.log_metrics({"elastic/dp": trainer.layout.dp, "elastic/ep": trainer.layout.ep},
+                                        trainer.step)  # fmt: skip
+            bar.close()
         val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
         tracker.log_eval(trainer.step, val_loss, vio)
         if last_ckpt is None or trainer.step != start:
@@ -239,21 +303,54 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
         status = "FINISHED"
     finally:
         tracker.finish(status=status, checkpoint=str(last_ckpt) if last_ckpt else None)
-    tail = vios[-max(len(vios) // 5, 1) :] if vios else [float("nan")]
+    ordered = [losses[s] for s in sorted(losses)]
+    vio_list = [vios[s] for s in sorted(vios)]
+    tail = vio_list[-max(len(vio_list) // 5, 1) :] if vio_list else [float("nan")]
     return PretrainResult(
         output=output,
         checkpoint=last_ckpt,
         steps=trainer.step,
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        losses=losses,
+        first_loss=ordered[0] if ordered else float("nan"),
+        last_loss=ordered[-1] if ordered else float("nan"),
+        losses=ordered,
         tokens_per_s=tokens / seconds if seconds else 0.0,
         val_loss=val_loss,
         max_vio_global=_mean(vio),
         max_vio_batch_tail=sum(tail) / len(tail),
         run_id=tracker.run_id,
         tracking_warning=tracker.warning,
+        failures=getattr(trainer, "failures", 0),
+        recovery_s=recoveries,
     )
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+class SampleRecord:
+    """``samples.jsonl``: for every completed step, the epoch and ids of its samples (``data.record_samples``).
+
+    Steps that are done again after a rewind replace their earlier lines, so the record is that of
+    the run as it counts: every sample once per epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, step: int, epoch: int, indices: torch.Tensor) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "ids": indices.tolist()}) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines of ``step`` and later (they will be done again)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
 def _mean(x: torch.Tensor) -> float:

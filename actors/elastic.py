@@ -1,0 +1,236 @@
+"""The elastic, fault-tolerant actor graph: rebuild after a failure, shrink to what fits, grow back.
+
+:class:`ElasticGraph` has the engine interface of :class:`GraphTrainer` and wraps one. When a
+step fails (an actor died, hung past ``parallel.timeout_s``, or raised), the training loop
+calls :meth:`ElasticGraph.recover`: the failure policy decides whether to go on and after what
+backoff; the scaling policy picks the largest layout the cluster can place now; a new graph is
+built and restored from the latest complete checkpoint (re-sharded when the layout changed);
+the loop rewinds its data loader to that checkpoint's position. At every step boundary,
+:meth:`ElasticGraph.at_step_boundary` grows the graph back toward ``parallel.dp``/``ep`` when
+actors fit again, or resizes it on request (``raymoe resize``), by writing a checkpoint and
+restoring it into the new layout: no step is lost or repeated.
+
+A layout never changes the math: the global batch keeps its ``dp × micro_batches``
+micro-batches (fewer replicas take more each), so losses stay those of the configured layout up
+to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from raymoe.actors.driver import GraphTrainer
+from raymoe.actors.policy import FailureAction, FailurePolicy, Layout, ScalingPolicy
+from raymoe.actors.stage import GraphError
+from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+from raymoe.platform.config import ConfigError, RaymoeConfig
+
+logger = logging.getLogger(__name__)
+
+RESIZE_FILE = "resize.json"
+
+
+def request_resize(output: str | Path, dp: int | None = None, ep: int | None = None) -> Path:
+    """Ask the driver training into ``output`` to change its layout at its next step boundary."""
+    path = Path(output) / RESIZE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"dp": dp, "ep": ep}))
+    os.replace(tmp, path)
+    return path
+
+
+class ElasticGraph:
+    """A :class:`GraphTrainer` that survives actor failures and follows the resources.
+
+    Args:
+        cfg: the run's config; ``parallel`` is the largest layout, ``elastic`` the policies.
+        control_dir: where ``raymoe resize`` leaves its requests (the run's output directory).
+        clock, sleep: injectable for tests.
+    """
+
+    def __init__(
+        self,
+        cfg: RaymoeConfig,
+        control_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.cfg = cfg
+        e, p = cfg.elastic, cfg.parallel
+        self.control_dir = Path(control_dir) if control_dir is not None else None
+        self.sleep = sleep
+        self.failure_policy = FailurePolicy(
+            max_failures=e.max_failures, window_s=e.window_s, backoff_s=e.backoff_s,
+            max_backoff_s=e.max_backoff_s, clock=clock,
+        )  # fmt: skip
+        self.scaling = ScalingPolicy(
+            max_dp=p.dp, max_ep=p.ep, micro_batches=p.micro_batches, pp=p.pp, min_dp=e.min_dp, min_ep=e.min_ep
+        )
+        self.wanted = self.scaling.full  # what the graph grows back to (raymoe resize changes it)
+        self.failures = 0
+        self.events: list[dict[str, Any]] = []
+        self.layout = self.scaling.decide(None, self.placeable(0)) or self.scaling.full
+        self.graph = self._build(self.layout)
+
+    # -- the engine interface -------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self.graph.step
+
+    def train_step(self, micro_batches: list) -> Any:
+        return self.graph.train_step(micro_batches)
+
+    def evaluate(self, batches: list) -> Any:
+        return self.graph.evaluate(batches)
+
+    def save_checkpoint(self, root: str, state: dict, extra_files: list | None = None) -> str:
+        return self.graph.save_checkpoint(root, state, extra_files)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.graph.load_checkpoint(path)
+
+    def describe(self) -> dict:
+        return self.graph.describe() | {"elastic.min_dp": self.scaling.min_dp, "elastic.min_ep": self.scaling.min_ep}
+
+    def close(self) -> None:
+        self.graph.shutdown()
+
+    shutdown = close
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self.graph.pids
+
+    # -- layouts --------------------------------------------------------------------------------
+
+    def _cfg_for(self, layout: Layout) -> RaymoeConfig:
+        parallel = dataclasses.replace(
+            self.cfg.parallel, dp=layout.dp, ep=layout.ep, micro_batches=layout.micro_batches
+        )
+        return dataclasses.replace(self.cfg, parallel=parallel)
+
+    def _build(self, layout: Layout) -> GraphTrainer:
+        graph = GraphTrainer(self._cfg_for(layout))
+        logger.info("actor graph at dp=%d ep=%d pp=%d; actor pids %s", layout.dp, layout.ep, graph.pp, graph.pids)
+        return graph
+
+    def placeable(self, held: int) -> int | None:
+        """How many graph actors the cluster can hold: ``held`` already running plus what fits in the free resources.
+
+        None when actors reserve nothing (then any number fits). Resources are summed over the
+        cluster (how they split across nodes is not modelled)."""
+        import ray
+
+        p = self.cfg.parallel
+        need = {k: v for k, v in (("CPU", p.num_cpus_per_actor), ("GPU", p.num_gpus_per_actor)) if v > 0}
+        if not need:
+            return None
+        free = ray.available_resources()
+        more = min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+        return held + more
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def recover(self, error: BaseException, checkpoint_root: str) -> dict | None:
+        """After a failed step: decide, rebuild on what can be placed, restore the latest checkpoint.
+
+        Returns the restored checkpoint's state (the loop rewinds its loader to it), or None when
+        there is no checkpoint yet (the loop starts over). Raises GraphError when the failure
+        policy gives up."""
+        self.failures += 1
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        decision = self.failure_policy.on_failure(cause)
+        self.events.append(
+            {"kind": "failure", "cause": cause, "step": self.graph.step, "action": decision.action.value}
+        )
+        logger.warning("actor graph failure %d at step %d: %s", self.failures, self.graph.step, cause)
+        self.graph.shutdown()
+        if decision.action is FailureAction.RAISE:
+            raise GraphError(decision.reason) from error
+        if decision.delay_s:
+            self.sleep(decision.delay_s)
+        while True:
+            try:
+                layout = self.scaling.decide(None, self.placeable(0)) or self.layout
+            except ConfigError as exc:
+                raise GraphError(f"cannot rebuild the actor graph: {exc}") from error
+            try:
+                self.graph = self._build(layout)
+                break
+            except GraphError as exc:  # an actor could not start: count it, back off, try again
+                decision = self.failure_policy.on_failure(str(exc))
+                if decision.action is FailureAction.RAISE:
+                    raise GraphError(decision.reason) from exc
+                self.sleep(decision.delay_s)
+        if layout != self.layout:
+            logger.warning("actor graph shrunk from dp=%d ep=%d to dp=%d ep=%d", self.layout.dp, self.layout.ep,
+                           layout.dp, layout.ep)  # fmt: skip
+        self.layout = layout
+        ckpt = latest_checkpoint_uri(checkpoint_root)
+        if ckpt is None:
+            logger.warning("no checkpoint yet: starting over from step 0")
+            return None
+        state = self.graph.load_checkpoint(ckpt)
+        logger.info("restored %s (step %d) on dp=%d ep=%d", ckpt, self.graph.step, layout.dp, layout.ep)
+        return state
+
+    # -- growing --------------------------------------------------------------------------------
+
+    def _requested(self) -> Layout | None:
+        if self.control_dir is None:
+            return None
+        path = self.control_dir / RESIZE_FILE
+        if not path.is_file():
+            return None
+        try:
+            req = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("ignoring %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        path.unlink(missing_ok=True)
+        dp = req.get("dp") or self.layout.dp
+        ep = req.get("ep") or self.layout.ep
+        allowed = {(lay.dp, lay.ep): lay for lay in self.scaling.layouts()}
+        if (dp, ep) not in allowed:
+            logger.warning("resize to dp=%s ep=%s refused: allowed are %s", dp, ep, sorted(allowed))
+            return None
+        return allowed[(dp, ep)]
+
+    def at_step_boundary(self, save: Callable[[], str]) -> bool:
+        """Grow (or resize on request) between steps; ``save`` writes a checkpoint of now and returns it."""
+        requested = self._requested()
+        if requested is not None:
+            self.wanted = requested
+        if self.layout == self.wanted or (requested is None and not self.cfg.elastic.grow):
+            return False
+        placeable = self.placeable(self.layout.actors(self.graph.pp))
+        target = self.wanted
+        if placeable is not None and target.actors(self.graph.pp) > placeable:
+            # the largest layout up to the wanted one that fits
+            pp = self.graph.pp
+            fits = [lay for lay in self.scaling.layouts()
+                    if lay.actors(pp) <= placeable and lay.dp <= target.dp and lay.ep <= target.ep]  # fmt: skip
+            target = fits[0] if fits else self.layout
+        if target == self.layout:
+            return False
+        t0 = time.perf_counter()
+        path = save()
+        self.graph.shutdown()
+        self.graph = self._build(target)
+        self.graph.load_checkpoint(path)
+        logger.info("actor graph resized from dp=%d ep=%d to dp=%d ep=%d at step %d in %.1f s", self.layout.dp,
+                    self.layout.ep, target.dp, target.ep, self.graph.step, time.perf_counter() - t0)  # fmt: skip
+        self.events.append({"kind": "resize", "from": [self.layout.dp, self.layout.ep], "to": [target.dp, target.ep],
+                            "step": self.graph.step})  # fmt: skip
+        self.layout = target
+        return True
