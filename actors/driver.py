@@ -191,7 +191,11 @@ class GraphTrainer:
                     self._label(a, f"AttentionStage(replica {r}, stage {s})")
             for k, a in enumerate(self.shards):
                 self._label(a, f"ExpertShard({k})")
-        info = self._get([self.rt.call(a, "ready")[0] for a in self.actors()], what="starting the actors")
+        try:
+            info = self._get([self.rt.call(a, "ready")[0] for a in self.actors()], what="starting the actors")
+        except BaseException:
+            self.shutdown()  # actors that did start (or wait for resources) must not linger
+            raise
         self.pids = {label: i["pid"] for label, i in zip(self.actor_labels(), info)}
         if self.dp > 1 and not in_process:
             self._init_collectives()
@@ -287,14 +291,20 @@ class GraphTrainer:
         return f"an actor ({m.group(1)})" if m else "an actor"
 
     def shutdown(self) -> None:
-        """Kill every actor (idempotent)."""
+        """Kill every actor and wait (briefly) until Ray reports them gone (idempotent)."""
         if isinstance(self.rt, _Ray):
             import ray
 
-            for a in self.actors():
+            actors = self.actors()
+            for a in actors:
                 try:
                     ray.kill(a)
                 except Exception:  # noqa: BLE001 - already dead
+                    pass
+            for a in actors:  # a call on a killed actor fails once Ray has processed the kill
+                try:
+                    ray.get(a.ready.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 - expected: the actor is dead
                     pass
         self.stages, self.shards = [], []
 

@@ -134,8 +134,18 @@ class ElasticGraph:
         need = {k: v for k, v in (("CPU", p.num_cpus_per_actor), ("GPU", p.num_gpus_per_actor)) if v > 0}
         if not need:
             return None
-        free = ray.available_resources()
-        more = min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+        def fits() -> int:
+            free = ray.available_resources()
+            return min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+
+        # resources of actors killed just now come back a moment later: read until it stops growing
+        more, deadline = fits(), time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            again = fits()
+            if again <= more:
+                break
+            more = again
         return held + more
 
     # -- failures -------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ class ElasticGraph:
             self.wanted = requested
         if self.layout == self.wanted or (requested is None and not self.cfg.elastic.grow):
             return False
-        placeable = self.placeable(self.layout.actors(self.graph.pp))
+        placeable = self.placeable(len(self.graph.actors()))  # the colocated graph is one actor
         target = self.wanted
         if placeable is not None and target.actors(self.graph.pp) > placeable:
             # the largest layout up to the wanted one that fits
