@@ -532,7 +532,11 @@ class GraphTrainer:
                     self.rt.call(a, "save", writing, f"experts-{k:02d}.safetensors")[0]
                     for k, a in enumerate(self.shards)
                 ]
-            written = self._get(calls, what="writing a checkpoint")
+            try:
+                written = self._get(calls, what="writing a checkpoint")
+            except GraphError:
+                self._settle(calls)  # let the live actors finish writing before the folder is removed
+                raise
             weight_map = {name: file for file, names in written for name in names}
             self._write_extras(writing, extra_files or [])
             biases = self._current_biases()
@@ -551,6 +555,12 @@ class GraphTrainer:
             raise
         logger.info("checkpoint of step %d written to %s", self.step, path)
         return path
+
+    def _settle(self, refs: list) -> None:
+        if isinstance(self.rt, _Ray):
+            import ray
+
+            ray.wait(refs, num_returns=len(refs), timeout=self.rt.timeout_s)
 
     def _current_biases(self) -> torch.Tensor:
         if self.colocated:

@@ -28,7 +28,10 @@ Reported per row (every number is measured in the run, nothing is estimated):
     actor spent inside torch (forward and backward pieces, expert passes, gradient reduction and
     norms, the optimizer step), timed by the actor itself. No schedule can be faster than this
     on its actor. It is wall time: while another process holds the core, it still counts.
-    Local: the whole step. (1,1,1): the trainer's own step time inside its actor.
+    Local: the whole step. (1,1,1): the trainer's own step time inside its actor. (A stage
+    counts its optimizer step into the *next* step's compute, a shard not at all: the first
+    AdamW step is slow, so a timed step right after a single warmup step can show more compute
+    than step time; the default warmup is 2.)
   - **xfer+wait** = step − compute: the time the busiest actor was *not* computing:
     serializing arguments and results, the object store, Ray's per-call dispatch, the driver's
     submissions and round trips, and waiting for other actors' compute it depends on. (It is
@@ -36,10 +39,11 @@ Reported per row (every number is measured in the run, nothing is estimated):
   - **Σ compute**: every actor's compute added up. Against the local step it shows how much
     the cut costs in compute (smaller matmuls, threads slowed by other processes on the cores).
   - **Σ CPU**: the CPU seconds (user + system, every thread, read from ``/proc/<pid>/stat``
-    before and after the step) of every actor process and of this process (the driver);
-    **cores**: the whole machine's busy CPU seconds in the step ÷ step s (at most 2 here; it
-    counts Ray's own processes and anything else running). Threads that spin while waiting
-    count as busy.
+    before and after the step) of this process (the driver, or the local engine) and, on graph
+    rows, of every actor and of Ray's own processes (raylet, GCS, agents: every other process
+    below this one; the object store lives in the raylet). **cores** = Σ CPU ÷ step s (at most
+    2 here); **others** = the cores the rest of the machine kept busy meanwhile (other
+    programs; on the local row also the idle Ray). Threads that spin while waiting count as busy.
 
 - The driver's view of the same step (graph rows with more than one actor), which partitions
   step s: **submit** (building and submitting every call of the forward and backward, which
@@ -55,8 +59,8 @@ or of 2 replicas 1). ``--actor-threads N`` sets ``RAYMOE_ACTOR_THREADS`` for eve
 ``ray.init(runtime_env={"env_vars": ...})``, ``--actor-env KEY=VALUE`` any other variable; the
 default (``--actor-threads 0``, no variables) leaves the actors' own choice, so the benchmark
 measures the graph as ``raymoe pretrain`` runs it. Measured on the 2-core machine (bench preset,
-fp32, 2 timed steps per row; ``x local`` of (1,1,1) / (1,1,2) / (1,2,2) / (2,1,2); runs differ
-by up to ~10 %):
+fp32, 1 warmup + 2 timed steps per row; ``x local`` of (1,1,1) / (1,1,2) / (1,2,2) / (2,1,2);
+runs differ by up to ~10 %):
 
 - own share (the default):                1.00 / 1.32 / 1.36 / 1.02
 - ``RAYMOE_ACTOR_THREADS=2`` (all):       1.04 / 3.26 / 3.81 / 4.15 (oversubscribed: Σ compute
@@ -67,7 +71,9 @@ by up to ~10 %):
 
 Where several actors take turns on the cores, torch's OpenMP threads that spin while waiting
 for work (libgomp's default) take the cores from the actor that has work: letting them sleep
-brings (1,1,2) from 1.32 to 1.05, but slows the lone colocated actor (1.00 → 1.16).
+brings (1,1,2) from 1.32 to 1.05, but slows the lone colocated actor (1.00 → 1.16). Given only
+to the actors of multi-actor graphs (the driver's actor options, tried by patching them), it
+gave 1.02 / 1.04 / 1.05 / 1.00 (2 warmup + 3 timed steps).
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ RAY_NUM_CPUS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 DRIVER = "driver"  # this process: the local engine, or the graph's driver
 MACHINE = "machine"  # every process of the machine (CPU seconds not idle)
+RAY = "ray"  # Ray's own processes below this one (raylet, GCS, agents, idle workers)
+DISTURBED_CORES = 0.25  # other processes busy on this many cores during a row's median step: flagged
 SEED = 0
 # goals of the issue: the graph's step time over the local engine's
 GOALS = {(1, 1, 1): 1.05, (1, 1, 2): 1.5}
@@ -110,7 +118,7 @@ class GraphBenchOptions:
     layouts: tuple[tuple[int, int, int], ...] = LAYOUTS  # (dp, pp, ep) of each graph row
     local: bool = True  # also the local engine (the reference of the ratios)
     micro_batches: int = 2  # micro-batches of the global batch, on every row (per replica: this ÷ dp)
-    warmup_steps: int = 1
+    warmup_steps: int = 2  # bf16 needs two: oneDNN builds its kernels for the first GEMM shapes it meets
     steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
     dtype: str | None = None  # fp32 | bf16; None = the preset's train.dtype
     actor_threads: int = DEFAULT_ACTOR_THREADS  # RAYMOE_ACTOR_THREADS for every actor; 0 = unset
@@ -235,25 +243,66 @@ def _machine_busy_s() -> float | None:
         return None
 
 
-def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
-    return {**{key: _process_cpu_s(pid) for key, pid in pids.items()}, MACHINE: _machine_busy_s()}
+def _descendants(root: int) -> set[int]:
+    """Every process below ``root`` (children, their children, ...), from /proc; empty without /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return set()
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _cpu_snapshot(pids: dict[str, int], ray_processes: bool) -> dict[str, Any]:
+    """CPU seconds so far of each of ``pids``, of the machine, and (``ray_processes``) of every other process
+    below this one: Ray's own (raylet, GCS, agents, idle workers) when Ray was started here."""
+    snap: dict[str, Any] = {key: _process_cpu_s(pid) for key, pid in pids.items()}
+    snap[MACHINE] = _machine_busy_s()
+    if ray_processes:
+        others = _descendants(os.getpid()) - set(pids.values())
+        snap[RAY] = {pid: cpu for pid in others if (cpu := _process_cpu_s(pid)) is not None}
+    return snap
+
+
+def _cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in after.items():
+        if key == RAY:  # a process that started during the step counts from its start
+            out[key] = sum(cpu - before[RAY].get(pid, 0.0) for pid, cpu in value.items())
+        else:
+            out[key] = None if value is None or before[key] is None else value - before[key]
+    return out
 
 
 def _time_steps(
-    step: Callable[[], Any], opts: GraphBenchOptions, pids: dict[str, int], progress: Callable[[], None] | None
+    step: Callable[[], Any],
+    opts: GraphBenchOptions,
+    pids: dict[str, int],
+    progress: Callable[[], None] | None,
+    ray_processes: bool = False,
 ) -> tuple[list[float], list[dict[str, float]], list[float], list[dict[str, float | None]]]:
     """Run the warmup and timed steps; (driver seconds, ``extra`` timings, loss, CPU seconds per process and of the
     machine) of each, warmup included."""
     seconds, extras, losses, cpus = [], [], [], []
     for _ in range(opts.warmup_steps + opts.steps):
-        before = _cpu_snapshot(pids)
+        before = _cpu_snapshot(pids, ray_processes)
         t0 = time.perf_counter()
         m = step()
         seconds.append(time.perf_counter() - t0)
-        after = _cpu_snapshot(pids)
-        cpus.append(
-            {k: after[k] - before[k] if after[k] is not None and before[k] is not None else None for k in after}
-        )
+        cpus.append(_cpu_delta(before, _cpu_snapshot(pids, ray_processes)))
         extras.append(dict(m.extra))
         losses.append(float(m.loss))
         if progress is not None:
@@ -275,6 +324,10 @@ def _split(seconds: float, extra: dict[str, float], cpu: dict[str, float | None]
         "sum_cpu_s": None if None in processes.values() else sum(processes.values()),
         "machine_cpu_s": cpu[MACHINE],
         "cores_busy": cpu[MACHINE] / seconds if cpu[MACHINE] is not None else None,
+        # cores the machine spent on anything but the benchmark's processes (Ray's own, other programs)
+        "other_cores": None
+        if None in (cpu[MACHINE], *processes.values())
+        else max(cpu[MACHINE] - sum(processes.values()), 0.0) / seconds,
     }
     if local:
         return {"compute_s": seconds, "busiest": LOCAL, "other_s": 0.0, "sum_compute_s": seconds,
@@ -335,7 +388,9 @@ def run_row(
             row["actor_keys"] = trainer.actor_keys()
             pids = {**dict(zip(trainer.actor_keys(), trainer.pids.values())), DRIVER: os.getpid()}
         row["startup_s"] = time.perf_counter() - t0
-        seconds, extras, losses, cpus = _time_steps(lambda: trainer.train_step(batches), opts, pids, progress)
+        seconds, extras, losses, cpus = _time_steps(
+            lambda: trainer.train_step(batches), opts, pids, progress, ray_processes=layout is not None
+        )
     except Exception as exc:  # noqa: BLE001 - a failed row is reported, the bench goes on
         logger.exception("%s failed", row["label"])
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -428,7 +483,7 @@ def _cell(value: float | None, fmt: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned columns, with a footnote defining the split."""
     header = ("engine", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
-              "Σ compute", "Σ CPU", "cores", "submit", "wait", "update", "loss@0")  # fmt: skip
+              "Σ compute", "Σ CPU", "cores", "others", "submit", "wait", "update", "loss@0")  # fmt: skip
     rows = []
     for r in report["rows"]:
         if r["error"]:
@@ -450,7 +505,8 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['other_s']:.3f}",
                 f"{r['sum_compute_s']:.3f}",
                 _cell(r["sum_cpu_s"], ".2f"),
-                _cell(r["cores_busy"], ".2f"),
+                _cell(r["sum_cpu_s"] / r["step_s"] if r["sum_cpu_s"] is not None else None, ".2f"),
+                _cell(r["other_cores"], ".2f"),
                 _cell(r["submit_s"], ".3f"),
                 _cell(r["wait_s"], ".3f"),
                 _cell(r["update_s"], ".3f"),
@@ -491,8 +547,10 @@ def format_table(report: dict[str, Any]) -> str:
         "the driver's round trips,",
         "  waiting on the other actors). Σ compute = every actor's compute added up (wall times: a process "
         "sharing a core counts its waits).",
-        "Σ CPU = CPU seconds (user + system, from /proc) of the actors and this process in the step; cores = the "
-        "machine's busy CPU seconds / step s.",
+        "Σ CPU = CPU seconds (user + system, from /proc) in the step of this process, the actors and Ray's own "
+        "processes; cores = Σ CPU / step s;",
+        "  others = the cores the rest of the machine kept busy meanwhile (other programs: above ~0.25 the row "
+        "was disturbed).",
         "submit + wait + update = step s as the driver sees it: submitting every call, blocked until every actor "
         "finished forward and backward,",
         "  the optimizer step's round trip; (1,1,1) is one call (all wait). loss@0 = the first step's loss: the "
@@ -500,7 +558,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"  on every row (spread {_cell(report['first_loss_spread'], '.2e')}).",
         f"took {report['seconds']:.0f} s; 1-min load average {report['load_average'][0]:.2f} before the bench",
     ]
-    if report["load_average"][0] > 1.0:
+    disturbed = [f"{r['label']} ({r['other_cores']:.2f})" for r in report["rows"]
+                 if not r["error"] and (r.get("other_cores") or 0.0) > DISTURBED_CORES]  # fmt: skip
+    if disturbed:
+        out.append(
+            f"WARNING: other processes kept cores busy during {', '.join(disturbed)}: those timings are slower than "
+            "on a quiet machine; rerun"
+        )
+    measured = any(r.get("other_cores") is not None for r in report["rows"] if not r["error"])
+    if not measured and report["load_average"][0] > 1.0:  # without /proc: the load average is all there is
         out.append(
             f"WARNING: the machine was busy when the bench started (load average {report['load_average'][0]:.2f}); "
             "rerun on a quiet machine"

@@ -221,6 +221,7 @@ def begin_checkpoint(root: str, step: int) -> tuple[str, str]:
     fs, path = filesystem(root)
     final = join(root, CHECKPOINTS_DIR, step_dir_name(step))
     if is_local(fs):
+        _remove_stale_temporaries(fs, filesystem(join(root, CHECKPOINTS_DIR))[1])
         tmp = join(root, CHECKPOINTS_DIR, f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}")
         fs.create_dir(filesystem(tmp)[1], recursive=True)
         return tmp, final
@@ -229,6 +230,18 @@ def begin_checkpoint(root: str, step: int) -> tuple[str, str]:
         fs.delete_file(join(fs_final, STATE_FILE))  # rewriting a step: invisible until done again
     fs.create_dir(fs_final, recursive=True)
     return final, final
+
+
+def _remove_stale_temporaries(fs: Any, checkpoints: str) -> None:
+    """Remove ``.tmp-*`` folders of checkpoints that were being written when a process died (one writer per root)."""
+    import pyarrow.fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(checkpoints, allow_not_found=True)):
+        if info.base_name.startswith(".tmp-") and info.type == pafs.FileType.Directory:
+            try:
+                fs.delete_dir(info.path)
+            except OSError:
+                pass
 
 
 def commit_checkpoint(writing: str, final: str, state: dict[str, Any], shards: dict[str, str]) -> str:
