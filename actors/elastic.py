@@ -77,7 +77,7 @@ class ElasticGraph:
         self.wanted = self.scaling.full  # what the graph grows back to (raymoe resize changes it)
         self.failures = 0
         self.events: list[dict[str, Any]] = []
-        self.layout = self.scaling.decide(None, self.placeable(0)) or self.scaling.full
+        self.layout = self._fitting(self.wanted, self.placeable(0))
         self.graph = self._build(self.layout)
 
     # -- the engine interface -------------------------------------------------------------------
@@ -134,6 +134,7 @@ class ElasticGraph:
         need = {k: v for k, v in (("CPU", p.num_cpus_per_actor), ("GPU", p.num_gpus_per_actor)) if v > 0}
         if not need:
             return None
+
         def fits() -> int:
             free = ray.available_resources()
             return min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items())
@@ -170,7 +171,7 @@ class ElasticGraph:
             self.sleep(decision.delay_s)
         while True:
             try:
-                layout = self.scaling.decide(None, self.placeable(0)) or self.layout
+                layout = self._fitting(self.wanted, self.placeable(0))
             except ConfigError as exc:
                 raise GraphError(f"cannot rebuild the actor graph: {exc}") from error
             try:
@@ -182,8 +183,8 @@ class ElasticGraph:
                     raise GraphError(decision.reason) from exc
                 self.sleep(decision.delay_s)
         if layout != self.layout:
-            logger.warning("actor graph shrunk from dp=%d ep=%d to dp=%d ep=%d", self.layout.dp, self.layout.ep,
-                           layout.dp, layout.ep)  # fmt: skip
+            logger.warning("actor graph rebuilt at dp=%d ep=%d (was dp=%d ep=%d)", layout.dp, layout.ep,
+                           self.layout.dp, self.layout.ep)  # fmt: skip
         self.layout = layout
         ckpt = latest_checkpoint_uri(checkpoint_root)
         if ckpt is None:
@@ -194,6 +195,15 @@ class ElasticGraph:
         return state
 
     # -- growing --------------------------------------------------------------------------------
+
+    def _fitting(self, wanted: Layout, placeable: int | None) -> Layout:
+        """The largest allowed layout no bigger than ``wanted`` (in dp and ep) that ``placeable`` actors hold."""
+        pp = self.cfg.parallel.pp
+        for layout in self.scaling.layouts():
+            fits = placeable is None or layout.actors(pp) <= placeable
+            if layout.dp <= wanted.dp and layout.ep <= wanted.ep and fits:
+                return layout
+        raise ConfigError(f"only {placeable} actors can be placed; the smallest allowed layout does not fit")
 
     def _requested(self) -> Layout | None:
         if self.control_dir is None:
@@ -223,14 +233,10 @@ class ElasticGraph:
             self.wanted = requested
         if self.layout == self.wanted or (requested is None and not self.cfg.elastic.grow):
             return False
-        placeable = self.placeable(len(self.graph.actors()))  # the colocated graph is one actor
-        target = self.wanted
-        if placeable is not None and target.actors(self.graph.pp) > placeable:
-            # the largest layout up to the wanted one that fits
-            pp = self.graph.pp
-            fits = [lay for lay in self.scaling.layouts()
-                    if lay.actors(pp) <= placeable and lay.dp <= target.dp and lay.ep <= target.ep]  # fmt: skip
-            target = fits[0] if fits else self.layout
+        try:
+            target = self._fitting(self.wanted, self.placeable(len(self.graph.actors())))  # colocated: one actor
+        except ConfigError:
+            return False
         if target == self.layout:
             return False
         t0 = time.perf_counter()

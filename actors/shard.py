@@ -137,6 +137,7 @@ class ExpertShard:
         }
 
     def apply_step(self, lr: float, clip_coef: float, biases: Any = None) -> None:
+        t0 = time.perf_counter()
         grads = [p.grad for _, p in self.params if p.grad is not None]
         if clip_coef != 1.0 and grads:
             torch._foreach_mul_(grads, clip_coef)
@@ -144,6 +145,7 @@ class ExpertShard:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._reset_step()
+        self.compute_s = time.perf_counter() - t0  # counted in the next step's report
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -440,7 +440,7 @@ class AttentionStage(_Collective):
         self.optimizer.zero_grad(set_to_none=True)
         self.set_biases(biases)
         self._reset_step()
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s = time.perf_counter() - t0  # counted in the next step's report
 
     @torch.no_grad()
     def set_biases(self, biases: dict[int, torch.Tensor]) -> None:

@@ -231,7 +231,7 @@ def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--actor-threads",
         type=int,
-        help=f"RAYMOE_ACTOR_THREADS for every actor; 0 = Ray's default of 1 (default {defaults.actor_threads})",
+        help=f"RAYMOE_ACTOR_THREADS of all actors; 0 = unset: a share of the cores (default {defaults.actor_threads})",
     )
     parser.add_argument(
         "--actor-env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for the actors"

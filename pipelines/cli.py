@@ -19,7 +19,7 @@ import sys
 # creates any primitive; a value the user set wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
-SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "export", "demo", "experiment", "bench", "ui")
+SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "resize", "export", "demo", "experiment", "bench", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,6 +97,7 @@ class ParallelConfig:
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
+    long_timeout_s: float = 600.0  # the same for starting actors, checkpoints and evaluation
 
 
 @dataclass(kw_only=True)
@@ -328,7 +329,7 @@ def validate(cfg: RaymoeConfig) -> None:
     p = cfg.parallel
     _positive("parallel", p, ("dp", "pp", "ep", "micro_batches"))
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
-    _positive("parallel", p, ("timeout_s",))
+    _positive("parallel", p, ("timeout_s", "long_timeout_s"))
     e = cfg.elastic
     _positive("elastic", e, ("max_failures", "window_s", "backoff_s", "max_backoff_s", "min_dp", "min_ep"),
               ("max_failures", "backoff_s", "max_backoff_s"))  # fmt: skip

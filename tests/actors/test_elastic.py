@@ -110,6 +110,52 @@ def test_an_actor_killed_at_checkpoint_time_leaves_the_previous_checkpoint(tiny_
     assert latest_checkpoint_uri(str(tmp_path / "run")).endswith("step_00000006")
 
 
+def test_resize_request_and_a_hung_actor(tiny_data: Path, tmp_path: Path, ray_local) -> None:
+    """`raymoe resize` asks for ep=2 after step 2 (applied at the next boundary, nothing lost); then a shard is
+    frozen (SIGSTOP): the step times out after parallel.timeout_s and the run recovers on a new graph."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from raymoe.actors.elastic import ElasticGraph
+
+    steps = ["train.steps=8", "train.checkpoint_every=2", "parallel.ep=3", "parallel.timeout_s=4"]
+    reference = pretrain(_cfg(tmp_path, *steps), tiny_data, tmp_path / "ref", progress=False, engine="graph")
+    cfg = _cfg(tmp_path, *steps)
+    out = tmp_path / "run"
+    out.mkdir()
+    engine = ElasticGraph(cfg, control_dir=out)
+    shards = []
+
+    def act(m) -> None:  # noqa: ANN001
+        shards.append(engine.layout.ep)
+        if m.step == 2:
+            cmd = [sys.executable, "-m", "raymoe.pipelines.cli", "resize", "--output", str(out), "ep=2"]
+            assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        if m.step == 4 and not engine.events[1:]:  # once (not before a checkpoint: that waits long_timeout_s)
+            os.kill(engine.pids["ExpertShard(1)"], signal.SIGSTOP)  # hung, not dead
+
+    try:
+        result = pretrain(cfg, tiny_data, out, progress=False, engine=engine, on_step=act)
+        events = engine.events
+    finally:
+        engine.close()
+    assert shards[:3] == [3, 3, 3] and set(shards[3:]) == {2}  # step 4 ran twice: before and after the hang
+    assert [e["kind"] for e in events] == ["resize", "failure"]
+    assert "longer than parallel.timeout_s=4" in events[1]["cause"]
+    for got, want in zip(result.losses, reference.losses):
+        assert abs(got - want) <= 1e-5 * want
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
+    assert run.data.metrics["elastic/failures"] == 1 and "elastic/recovery_s" in run.data.metrics
+    assert "longer than parallel.timeout_s" in run.data.tags["elastic.last_failure"]
+    bad = subprocess.run([sys.executable, "-m", "raymoe.pipelines.cli", "resize", "--output", str(out), "ep=x"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "not dp=N or ep=N" in bad.stderr
+
+
 @pytest.mark.slow
 def test_chaos_run_equals_an_undisturbed_one(tiny_data: Path, tmp_path: Path, ray_local) -> None:
     """30 steps, a checkpoint every 5: SIGKILL an ExpertShard at step 7, an AttentionStage at step 17 (by the

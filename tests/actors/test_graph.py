@@ -188,7 +188,7 @@ def test_in_process_schedule_equals_ray(ray_local) -> None:
 
 
 def test_a_shard_without_tokens_still_takes_part(ray_local) -> None:
-    """Biases that steer every token away from shard 1: it gets empty buffers, steps with zero gradients, stays equal."""
+    """Biases steer every token away from shard 1: it gets empty buffers, steps with zero gradients, stays equal."""
     local, graph = LocalTrainer(_cfg(mb=2)), GraphTrainer(_cfg(1, 1, 2))
     try:
         with torch.no_grad():

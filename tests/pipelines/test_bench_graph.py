@@ -30,7 +30,7 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
         assert r["error"] is None, r
         assert ROW_KEYS <= r.keys()
         assert len(r["steps_s"]) == 1 and r["step_s"] > 0 and r["tokens_per_s"] > 0
-        assert r["compute_s"] > 0 and r["sum_compute_s"] >= r["compute_s"]
+        assert r["compute_s"] > 0 and r["sum_compute_s"] >= r["compute_s"] and r["sum_cpu_s"] >= 0
         assert r["compute_s"] + r["other_s"] == pytest.approx(r["step_s"])
     assert rows[0]["x_local"] == 1.0
     graph = {(r["dp"], r["pp"], r["ep"]): r for r in rows[1:]}
@@ -39,7 +39,7 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
     assert [graph[layout]["actors"] for layout in LAYOUTS] == [1, 3, 4, 4]
     r = graph[(1, 1, 2)]
     assert set(r["compute_by_actor"]) == {"stage_r0_s0", "shard_0", "shard_1"}
-    assert r["submit_s"] + r["wait_s"] + r["update_s"] == pytest.approx(r["step_s"], rel=1e-6)
+    assert r["submit_s"] + r["wait_s"] + r["update_s"] == pytest.approx(r["step_s"], abs=1e-3)
     # the same data and initial weights everywhere: the first step's loss agrees
     assert report["first_loss_spread"] < 1e-4
     table = "\n".join(lines[:-1])
