@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_model(benchmarks)
     _register_graph(benchmarks)
+    _register_recovery(benchmarks)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -289,3 +290,20 @@ def run_graph(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 1 if any(r["error"] for r in report["rows"]) else 0
+
+
+def _register_recovery(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser("recovery", help="seconds the elastic graph takes to recover from a killed actor")
+    parser.add_argument("preset", nargs="?", default="small", help="preset (default small)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides")
+    parser.add_argument("--kill-after", type=int, default=12, help="SIGKILL the actor after this step (default 12)")
+    parser.add_argument("--victim", default="ExpertShard(1)", help="the actor to kill (default 'ExpertShard(1)')")
+    parser.add_argument("--data", help="prepared data (default: the stdlib corpus, prepared on first use)")
+    parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
+
+    def _run(args: argparse.Namespace) -> int:
+        from raymoe.platform.benchmarks.recovery_bench import main
+
+        return main(args)
+
+    parser.set_defaults(func=_run)
