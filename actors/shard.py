@@ -30,7 +30,7 @@ from raymoe.platform.checkpoint.sharded import (
 from raymoe.platform.config import RaymoeConfig
 from raymoe.platform.model.moe import Experts, experts_on_rows
 from raymoe.platform.model.transformer import init_parameter_, moe_prefix
-from raymoe.platform.train.optim import build_optimizer, set_lr
+from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
 
@@ -138,12 +138,7 @@ class ExpertShard:
 
     def apply_step(self, lr: float, clip_coef: float, biases: Any = None) -> None:
         t0 = time.perf_counter()
-        grads = [p.grad for _, p in self.params if p.grad is not None]
-        if clip_coef != 1.0 and grads:
-            torch._foreach_mul_(grads, clip_coef)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clip_and_step([p for _, p in self.params], self.optimizer, lr, clip_coef)
         self._reset_step()
         self.compute_s = time.perf_counter() - t0  # counted in the next step's report
 

@@ -34,7 +34,7 @@ from raymoe.platform.checkpoint.sharded import (
 from raymoe.platform.config import RaymoeConfig
 from raymoe.platform.model.moe import MoE, compute_dtype, dispatch_rows, sequence_balance_loss
 from raymoe.platform.model.transformer import IGNORE_INDEX, Block, StageModel, mtp_input_tokens, mtp_targets
-from raymoe.platform.train.optim import build_optimizer, set_lr
+from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
 Buffer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows x [n, D], local expert ids [n, K], weights [n, K])
@@ -432,12 +432,7 @@ class AttentionStage(_Collective):
     def apply_step(self, lr: float, clip_coef: float, biases: dict[int, torch.Tensor]) -> None:
         """Clip by the global coefficient, step AdamW at ``lr``, set the gates' new biases."""
         t0 = time.perf_counter()
-        grads = [p.grad for _, p in self.params if p.grad is not None]
-        if clip_coef != 1.0 and grads:
-            torch._foreach_mul_(grads, clip_coef)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clip_and_step([p for _, p in self.params], self.optimizer, lr, clip_coef)
         self.set_biases(biases)
         self._reset_step()
         self.compute_s = time.perf_counter() - t0  # counted in the next step's report

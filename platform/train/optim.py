@@ -44,3 +44,13 @@ def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, lr: float, clip_coef: float) -> None:
+    """Scale the gradients by ``clip_coef`` (a global-norm coefficient from elsewhere), step at ``lr``, zero them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip_coef != 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coef)
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
