@@ -44,6 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_model(benchmarks)
     _register_graph(benchmarks)
     _register_recovery(benchmarks)
+    _register_module(benchmarks, "serve", "raymoe.platform.benchmarks.serve_bench", "the serving engine: decode, streams, MTP")
+    _register_module(benchmarks, "kernels", "raymoe.platform.benchmarks.kernel_bench", "Triton kernels against torch (GPU)")
+
+
+def _register_module(benchmarks: argparse._SubParsersAction, name: str, module: str, help: str) -> None:
+    """A benchmark whose module defines ``add_arguments(parser)`` and ``main(args) -> exit code``."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    parser = benchmarks.add_parser(name, help=help, description=mod.__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    mod.add_arguments(parser)
+    parser.set_defaults(func=mod.main)
 
 
 def _csv(text: str) -> tuple[str, ...]:
