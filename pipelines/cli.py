@@ -19,7 +19,9 @@ import sys
 # creates any primitive; a value the user set wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
-SUBCOMMANDS = ("info", "prepare-data", "generate", "pretrain", "resize", "export", "demo", "experiment", "bench", "ui")
+SUBCOMMANDS = (
+    "info", "prepare-data", "generate", "pretrain", "resize", "export", "serve", "demo", "experiment", "bench", "ui",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
