@@ -482,3 +482,27 @@ def test_helm_lint_passes(key: str) -> None:
     report = helm_python.lint(CHART, copy.deepcopy(VALUE_SETS[key]), strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], report
+
+
+def test_helm_set_flags_reach_the_entrypoint() -> None:
+    """`--set 'pretrain.overrides={a=1,b=2}'` (as the README writes it) parses to a list of overrides."""
+    values = helm_python.parse_set_string("pretrain.overrides={train.steps=300,train.checkpoint_every=50}")
+    args = parse_entrypoint(one_of(render(values), "RayJob"))
+    assert args.overrides == ["train.steps=300", "train.checkpoint_every=50"]
+
+
+# --- the image -----------------------------------------------------------------------------------
+
+
+def test_dockerfile_matches_the_chart_and_the_repo() -> None:
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    ray_version = chart_values["rayVersion"]
+    assert f"ARG RAY_IMAGE=rayproject/ray:{ray_version}-py311\n" in dockerfile
+    assert f"rayproject/ray:{ray_version}-py311-gpu" in dockerfile  # the documented GPU variant
+    assert chart_values["image"]["tag"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    # torch pinned like `make install` does, and every copied source exists
+    (torch_pin,) = [line for line in (REPO / "Makefile").read_text().splitlines() if "torch==" in line]
+    assert f"ARG TORCH_VERSION={torch_pin.split('torch==')[1].strip()}\n" in dockerfile
+    sources = [s for line in dockerfile.splitlines() if line.startswith("COPY ") for s in line.split()[2:-1]]
+    assert sources and all((REPO / s).exists() for s in sources), sources
