@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.kernels import dispatch as kernels
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.layers import RMSNorm, apply_rope, softmax_scale
 
@@ -167,17 +168,35 @@ class MLA(nn.Module):
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, dn), w_uk)  # [H, B*S, C]
         q_lat = q_lat.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # [B, S*H, C]
         c_kv, k_pe = c_kv.to(dtype), k_pe.to(dtype)
-        scores = torch.bmm(q_lat, c_kv.transpose(1, 2))  # [B, S*H, T]
-        scores = scores + torch.bmm(q_pe.reshape(B, S * H, -1), k_pe.transpose(1, 2))
-        scores = scores.float().view(B, S, H, T) * self.softmax_scale
-        if S > 1 or start + S != T:
-            allowed = _causal_mask(S, T, start, scores.device)[:, None, :]  # [S, 1, T]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = scores.softmax(dim=-1).to(dtype).view(B, S * H, T)
-        o_lat = torch.bmm(probs, c_kv)  # [B, S*H, C]
+        if S == 1 and start + 1 == T and kernels.use_triton(q_lat):
+            o_lat = self._decode_kernel(q_lat, q_pe, c_kv, k_pe)  # [B, H, C]
+        else:
+            scores = torch.bmm(q_lat, c_kv.transpose(1, 2))  # [B, S*H, T]
+            scores = scores + torch.bmm(q_pe.reshape(B, S * H, -1), k_pe.transpose(1, 2))
+            scores = scores.float().view(B, S, H, T) * self.softmax_scale
+            if S > 1 or start + S != T:
+                allowed = _causal_mask(S, T, start, scores.device)[:, None, :]  # [S, 1, T]
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = scores.softmax(dim=-1).to(dtype).view(B, S * H, T)
+            o_lat = torch.bmm(probs, c_kv)  # [B, S*H, C]
         o_lat = o_lat.view(B, S, H, -1).permute(2, 0, 1, 3).reshape(H, B * S, -1)  # [H, B*S, C]
         out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, B*S, dv]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3)  # [B, S, H, dv]
+
+    def _decode_kernel(
+        self, q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token per sequence through the Triton MLA decode kernel -> o_lat [B, H, C].
+
+        The kernel reads a paged cache [blocks, block_size, C + R]; this cache keeps c_kv and k_pe
+        apart, so they are concatenated (one block per sequence): a copy of the cache per call,
+        which the serving engine's paged cache (stored in the kernel's layout) does not pay."""
+        B, H, T = q_lat.shape[0], self.n_heads, c_kv.shape[1]
+        cache = torch.cat((c_kv, k_pe), dim=-1)  # [B, T, C + R]
+        block_table = torch.arange(B, dtype=torch.int32, device=cache.device).unsqueeze(1)  # [B, 1]
+        seq_lens = torch.full((B,), T, dtype=torch.int32, device=cache.device)
+        q_pe = q_pe.reshape(B, H, -1).contiguous()
+        return kernels.mla_decode(q_lat.contiguous(), q_pe, cache, block_table, seq_lens, self.softmax_scale)
 
 
 def _causal_mask(S: int, T: int, start: int, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.kernels import dispatch as kernels
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.layers import MLP
 
@@ -97,6 +98,10 @@ class Experts(nn.Module):
         N, K = idx.shape
         if N == 1 and not (torch.is_grad_enabled() and self.gate_up_proj.requires_grad):
             return self._one_token(x, idx[0], weights[0])
+        if kernels.use_triton(x):  # permute, grouped FFN and weighted unpermute in Triton
+            x_sorted, kernel_counts, order = kernels.moe_permute(x, idx, self.n_experts)
+            y = self.run_grouped(x_sorted, kernel_counts if counts is None else counts)
+            return kernels.moe_unpermute(y, order, weights, x.dtype)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
         token = order // K
@@ -132,6 +137,8 @@ class Experts(nn.Module):
             w13, w2 = w13.index_select(0, index), w2.index_select(0, index)
         # cast the stacked weights once (not once per expert under autocast)
         w13, w2, x_sorted = w13.to(dtype), w2.to(dtype), x_sorted.to(dtype)
+        if kernels.use_triton(x_sorted):  # one launch per GEMM, SwiGLU fused (raymoe.kernels.grouped_ffn)
+            return kernels.grouped_swiglu(x_sorted, counts, w13, w2)
         if dtype == torch.bfloat16 and GROUPED_MM is not None:
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = GROUPED_MM(x_sorted, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
