@@ -223,8 +223,9 @@ def test_overload_is_503_at_once_and_disconnects_free_the_cache(server: str) -> 
 def test_two_hundred_concurrent_requests_all_complete(server: str, client: openai.OpenAI) -> None:
     prompts = ["def f(x):", "class A:", "import os", "return 1"]
     expected = {
-        p: client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
-        .choices[0].text
+        p: client.completions.create(
+            model=MODEL, prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        ).choices[0].text
         for p in prompts
     }  # fmt: skip
 
