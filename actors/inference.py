@@ -221,7 +221,9 @@ class GraphRunner:
                 actor = self.rt.make(InferenceShard, options, self.cfg, experts, ep, dtype)
                 self.shards.append(actor)
                 self._label(actor, f"InferenceShard({k})")
-            self._get([self.rt.call(a, "ready")[0] for a in self.stages + self.shards], "starting the actors")
+            ready = self._get([self.rt.call(a, "ready")[0] for a in self.stages + self.shards], "starting the actors")
+            labels = [f"InferenceStage({s})" for s in range(self.pp)] + [f"InferenceShard({k})" for k in range(ep)]
+            self.actor_pids = {label: info["pid"] for label, info in zip(labels, ready)}
         except BaseException:
             self.close()
             raise

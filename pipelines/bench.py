@@ -44,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_model(benchmarks)
     _register_graph(benchmarks)
     _register_recovery(benchmarks)
-    _register_module(benchmarks, "serve", "raymoe.platform.benchmarks.serve_bench", "the serving engine: decode, streams, MTP")
-    _register_module(benchmarks, "kernels", "raymoe.platform.benchmarks.kernel_bench", "Triton kernels against torch (GPU)")
+    benchmarks_dir = "raymoe.platform.benchmarks"
+    _register_module(benchmarks, "serve", f"{benchmarks_dir}.serve_bench", "serving: decode, HTTP streams, MTP")
+    _register_module(benchmarks, "kernels", f"{benchmarks_dir}.kernel_bench", "Triton kernels against torch (GPU)")
 
 
 def _register_module(benchmarks: argparse._SubParsersAction, name: str, module: str, help: str) -> None:

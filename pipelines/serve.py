@@ -264,7 +264,8 @@ class RaymoeServer:
 
     @fastapi_app.get("/stats")
     async def stats(self) -> Any:
-        return {**self.engine.stats(), "pid": os.getpid(), "checkpoint": self.served.checkpoint}
+        pids = getattr(self.runner, "actor_pids", {})
+        return {**self.engine.stats(), "pid": os.getpid(), "actor_pids": pids, "checkpoint": self.served.checkpoint}
 
 
 def build_app(args: ServeArgs) -> serve.Application:
