@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         from raymoe.actors.driver import ensure_ray
 
+        started = not ray.is_initialized()
         ensure_ray()
         args._port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": args._port})
@@ -273,7 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 http.extend(_http(checkpoint, args, prompts, speculative))
         finally:
             serve.shutdown()
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     return summarize(checkpoint, args, decode, http, time.perf_counter() - t_start)
 
 
