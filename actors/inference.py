@@ -175,6 +175,7 @@ class GraphRunner:
         pp, ep: stages and expert shards.
         in_process: plain objects in this process instead of Ray actors (tests of the math).
         timeout_s: the longest wait on one actor call.
+        start_timeout_s: the longest wait for the actors to start (they import torch and load weights).
         num_cpus_per_actor: Ray resources of each actor.
     """
 
@@ -188,6 +189,7 @@ class GraphRunner:
         in_process: bool = False,
         timeout_s: float = 60.0,
         num_cpus_per_actor: float = 0.0,
+        start_timeout_s: float = 600.0,
     ) -> None:
         self.cfg = model.cfg
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -221,7 +223,8 @@ class GraphRunner:
                 actor = self.rt.make(InferenceShard, options, self.cfg, experts, ep, dtype)
                 self.shards.append(actor)
                 self._label(actor, f"InferenceShard({k})")
-            ready = self._get([self.rt.call(a, "ready")[0] for a in self.stages + self.shards], "starting the actors")
+            refs = [self.rt.call(a, "ready")[0] for a in self.stages + self.shards]
+            ready = self._get(refs, "starting the actors", start_timeout_s)
             labels = [f"InferenceStage({s})" for s in range(self.pp)] + [f"InferenceShard({k})" for k in range(ep)]
             self.actor_pids = {label: info["pid"] for label, info in zip(labels, ready)}
         except BaseException:
@@ -233,29 +236,35 @@ class GraphRunner:
         if isinstance(self.rt, _Ray):
             self.labels[actor._actor_id.hex()] = label
 
-    def _get(self, refs: list, what: str) -> list:
+    def _get(self, refs: list, what: str, timeout_s: float | None = None) -> list:
         if isinstance(self.rt, _InProcess):
             return refs
         import ray
 
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            return ray.get(refs, timeout=timeout_s or self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise GraphError(f"inference: {what} took longer than {self.timeout_s:g} s") from None
-        except ray.exceptions.RayActorError as exc:
-            raise GraphError(f"inference: {self._who(exc)} died while {what}") from exc
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, ray.exceptions.RayActorError):  # an input came from an actor that died
-                raise GraphError(f"inference: {self._who(cause)} died while {what}") from exc
-            raise GraphError(f"inference: {self._who(exc)} failed while {what}: {str(exc).splitlines()[0]}") from exc
+            raise GraphError(f"inference: {what} took longer than {timeout_s or self.timeout_s:g} s") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            dead = self._dead_actors()
+            if dead:  # an error can surface on a live actor whose input came from the dead one: name the dead
+                raise GraphError(f"inference: {', '.join(dead)} died while {what}") from exc
+            cause = getattr(exc, "cause", None) or exc
+            raise GraphError(f"inference: an actor failed while {what}: {type(cause).__name__}: {cause}") from exc
 
-    def _who(self, exc: BaseException) -> str:
-        actor_id = getattr(exc, "actor_id", None)
-        if actor_id in self.labels:
-            return self.labels[actor_id]
-        text = str(exc)
-        return next((label for actor_id, label in self.labels.items() if actor_id in text), "an actor")
+    def _dead_actors(self, timeout_s: float = 5.0) -> list[str]:
+        """Labels of the graph's actors that no longer answer."""
+        import ray
+
+        labels = list(self.labels.values())
+        refs = [a.ready.remote() for a in self.stages + self.shards]
+        dead = []
+        for label, ref in zip(labels, refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(label)
+        return dead
 
     def _run_stage(self, s: int, kind: str, batch: Any, x: Any, rows: Any, emb: Any = None) -> Any:
         """Run one stage's program to its end, sending its dispatches to the shards; a ref to its output."""
