@@ -37,6 +37,9 @@ class StepBatch:
     k_slots: torch.Tensor  # [B, T] int64, cache slot of key t of sequence b (slot 0, the padding block, past its end)
     mask: torch.Tensor  # [B, S, T] bool, query (b, s) may attend to key t
     lengths: list[int]  # tokens per run (B)
+    block_table: torch.Tensor  # [B, max blocks] int32, each sequence's blocks (0, the padding block, past its end)
+    seq_lens: torch.Tensor  # [B] int32, each sequence's context after this step (start + run length)
+    block_size: int
 
     @property
     def num_rows(self) -> int:
@@ -67,6 +70,7 @@ def build_step(runs: list[SeqRun], block_size: int) -> StepBatch:
     q_index = torch.full((B, S), N, dtype=torch.long)
     k_slots = torch.zeros(B, T, dtype=torch.long)
     q_pos = torch.full((B, S), -1, dtype=torch.long)
+    block_table = torch.zeros(B, max(len(r.blocks) for r in runs), dtype=torch.int32)
     row = 0
     for b, r in enumerate(runs):
         end = r.start + len(r.tokens)
@@ -76,6 +80,7 @@ def build_step(runs: list[SeqRun], block_size: int) -> StepBatch:
         pos = torch.arange(end)
         seq_slots = table[pos // block_size] * block_size + pos % block_size  # [end]
         k_slots[b, :end] = seq_slots
+        block_table[b, : len(r.blocks)] = table.to(torch.int32)
         n = len(r.tokens)
         tokens.extend(r.tokens)
         positions.extend(range(r.start, end))
@@ -96,4 +101,7 @@ def build_step(runs: list[SeqRun], block_size: int) -> StepBatch:
         k_slots=k_slots,
         mask=mask,
         lengths=lengths,
+        block_table=block_table,
+        seq_lens=torch.tensor([r.start + len(r.tokens) for r in runs], dtype=torch.int32),
+        block_size=block_size,
     )

@@ -307,6 +307,7 @@ class Engine:
             logit_rows.extend(range(end - 1, end) if seq.prefilling else range(first, end))
         hidden_rows = torch.arange(batch.num_rows) if self.speculative else None
         logits, hidden = self.runner.main(batch, torch.tensor(logit_rows, dtype=torch.long), hidden_rows)
+        logits = logits.cpu()  # sampling draws from CPU generators (one per seeded request)
         self.counters["steps"] += 1
 
         accepted: list[int] = []  # positions of each run now valid in the main cache
@@ -395,7 +396,7 @@ class Engine:
         batch = build_step(mtp_runs, self.runner.block_size)
         last = batch.last_rows()
         want = [i for i, seq in enumerate(drafting) if not seq.prefilling]
-        logits = self.runner.mtp(batch, hidden.index_select(0, torch.tensor(rows)), last[want])
+        logits = self.runner.mtp(batch, hidden.index_select(0, torch.tensor(rows, device=hidden.device)), last[want])
         for j, i in enumerate(want):
             drafting[i].draft = int(logits[j].argmax())
 

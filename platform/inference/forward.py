@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raymoe.kernels.dispatch import mla_decode, use_triton
 from raymoe.platform.inference.batch import StepBatch
 from raymoe.platform.inference.cache import BlockCache
 from raymoe.platform.model.attention import MLA
@@ -52,6 +53,12 @@ def attend(mla: MLA, x: torch.Tensor, batch: StepBatch, cache: torch.Tensor, cos
     q_lat = torch.bmm(q_nope[0].transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
     q = torch.cat((q_lat, q_pe[0]), dim=-1)  # [N, H, C+R]: one product against [c_kv; k_pe]
     B, S = batch.q_index.shape
+    if S == 1 and B == N and use_triton(q, cache):  # decode only, on CUDA: the paged MLA decode kernel
+        pages = cache.view(-1, batch.block_size, cache.shape[-1])
+        q_lat, q_rope = q_lat.contiguous(), q_pe[0].contiguous()
+        o_lat = mla_decode(q_lat, q_rope, pages, batch.block_table, batch.seq_lens, mla.softmax_scale)
+        out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, N, dv]
+        return mla.o_proj(out.transpose(0, 1).reshape(N, -1))
     if S == 1 and B == N:  # decode only: no padding
         q = q.view(B, H, -1)
     else:

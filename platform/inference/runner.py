@@ -51,6 +51,13 @@ class LocalRunner:
         blocks = list(model.model.layers) + list(model.model.mtp)
         self._experts = {b.self_attn.layer_id: b.mlp.experts for b in blocks if hasattr(b.mlp, "experts")}
 
+    def _on_device(self, batch: StepBatch, *tensors: torch.Tensor | None) -> tuple:
+        """The step's index tensors on the model's device (the engine builds them on the CPU)."""
+        device = self.model.lm_head.weight.device
+        if device.type == "cpu":
+            return (batch, *tensors)
+        return (batch.to(device), *(t.to(device) if t is not None else None for t in tensors))
+
     @property
     def has_mtp(self) -> bool:
         return len(self.model.model.mtp) > 0
@@ -63,6 +70,7 @@ class LocalRunner:
         self, batch: StepBatch, logit_rows: torch.Tensor, hidden_rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model.model
+        batch, logit_rows, hidden_rows = self._on_device(batch, logit_rows, hidden_rows)
         h = m.embed_tokens(batch.tokens)
         cos, sin = rope(m.rotary_emb, batch, h.dtype)
         h = drive(run_blocks(list(m.layers), h, batch, self.cache, cos, sin), self._experts_call)
@@ -73,6 +81,7 @@ class LocalRunner:
     @torch.inference_mode()
     def mtp(self, batch: StepBatch, hidden: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         m = self.model.model
+        batch, logit_rows, hidden = self._on_device(batch, logit_rows, hidden)
         module = m.mtp[0]
         program = mtp_program(module, hidden, m.embed_tokens(batch.tokens), batch, self.cache, m.rotary_emb)
         h = drive(program, self._experts_call)
