@@ -53,12 +53,7 @@ def _register_module(benchmarks: argparse._SubParsersAction, name: str, module: 
     """A benchmark whose module defines ``add_arguments(parser)`` and ``main(args) -> exit code``."""
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:  # TEMPORARY while the module is being written
-        if exc.name != module:
-            raise
-        return
+    mod = importlib.import_module(module)
     parser = benchmarks.add_parser(name, help=help, description=mod.__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     mod.add_arguments(parser)
