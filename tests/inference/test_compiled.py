@@ -113,4 +113,9 @@ def test_inductor_graph_equals_local_runner(model) -> None:
         torch.testing.assert_close(g, r, rtol=TOL, atol=TOL)
     for speculative in (False, True):
         assert engine_tokens(runner, speculative) == engine_tokens(local(model), speculative)
+    # another runner over another model reuses the graphs (the weights and cache are its inputs)
+    other = tiny_model(seed=1)
+    got = step_logits(compiled(other, "inductor"), prompts(3, STEP_PROMPTS))
+    for g, r in zip(got, step_logits(local(other), prompts(3, STEP_PROMPTS))):
+        torch.testing.assert_close(g, r, rtol=TOL, atol=TOL)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
