@@ -271,6 +271,7 @@ class CompiledLocalRunner(LocalRunner):
         if not self.compiles(batch):
             return super().main(batch, logit_rows, hidden_rows)
         self.compiled_steps += 1
+        batch, logit_rows, hidden_rows = self._on_device(batch, logit_rows, hidden_rows)
         with _no_duck_sizing():
             logits, h = self._main_fn(*self._pad(batch, logit_rows))
         logits = logits[: logit_rows.shape[0]]
@@ -281,6 +282,7 @@ class CompiledLocalRunner(LocalRunner):
         if not self.compiles(batch):
             return super().mtp(batch, hidden, logit_rows)
         self.compiled_steps += 1
+        batch, logit_rows, hidden = self._on_device(batch, logit_rows, hidden)
         with _no_duck_sizing():
             logits = self._mtp_fn(*self._pad(batch, logit_rows, hidden))
         return logits[: logit_rows.shape[0]]
