@@ -72,6 +72,7 @@ class ServeArgs(BaseModel):
     engine: Literal["local", "graph"] = "local"
     parallel: dict[str, int] = Field(default_factory=lambda: {"pp": 1, "ep": 1})
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
+    compile: bool = Field(False, description="torch.compile small decode steps (local engine; ~30-60 s at start)")
 
 
 fastapi_app = FastAPI(title="raymoe", description="OpenAI-compatible completions on a DeepSeek-V3-style MoE")
@@ -93,6 +94,10 @@ def _make_runner(args: ServeArgs, model: Any) -> Any:
     from raymoe.platform.inference.runner import LocalRunner, cache_blocks
 
     blocks = cache_blocks(args.cache_tokens, args.block_size)
+    if args.engine == "local" and args.compile:
+        from raymoe.platform.inference.compiled import CompiledLocalRunner
+
+        return CompiledLocalRunner(model, blocks, args.block_size)
     if args.engine == "local":
         return LocalRunner(model, blocks, args.block_size)
     from raymoe.actors.inference import GraphRunner
@@ -300,6 +305,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, help="a fixed number of replicas instead of autoscaling")
     p.add_argument("--no-speculative", action="store_true", help="no MTP speculative decoding")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: Ray's, from num_cpus)")
+    p.add_argument("--compile", action="store_true", help="torch.compile decode steps (slow start)")
     p.set_defaults(func=run)
 
 
@@ -314,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         speculative=not args.no_speculative,
         threads=args.threads,
+        compile=args.compile,
     )
     from raymoe.platform.inference.loading import resolve_serving_checkpoint
 

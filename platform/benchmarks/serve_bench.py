@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--compile", action="store_true", help="also the compiled runner (in process and over HTTP)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (the last line)")
 
 
@@ -102,13 +103,19 @@ def _prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- batch-1 decode
 
 
-def _decode_ours(served: Any, prompt: list[int], new_tokens: int, speculative: bool) -> dict[str, Any]:
+def _decode_ours(served: Any, prompt: list[int], new_tokens: int, speculative: bool, compiled: bool = False) -> dict:
     from raymoe.platform.inference.engine import Engine, EngineConfig, run_to_completion
     from raymoe.platform.inference.runner import LocalRunner, cache_blocks
     from raymoe.platform.inference.sampling import SamplingParams
 
     block = 16
-    runner = LocalRunner(served.model, cache_blocks(4 * (len(prompt) + new_tokens), block), block)
+    blocks = cache_blocks(4 * (len(prompt) + new_tokens), block)
+    if compiled:
+        from raymoe.platform.inference.compiled import CompiledLocalRunner
+
+        runner = CompiledLocalRunner(served.model, blocks, block)
+    else:
+        runner = LocalRunner(served.model, blocks, block)
     engine = Engine(runner, EngineConfig(cache_tokens=4 * (len(prompt) + new_tokens), speculative=speculative))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     run_to_completion(engine, [prompt], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])  # warm-up
@@ -117,8 +124,11 @@ def _decode_ours(served: Any, prompt: list[int], new_tokens: int, speculative: b
     (tokens,) = run_to_completion(engine, [prompt], [params])
     elapsed = time.perf_counter() - t0
     stats = engine.stats()
-    return {"tokens_per_s": len(tokens) / elapsed, "tokens": tokens, "acceptance_rate": stats["acceptance_rate"],
-            "steps": stats["steps"]}  # fmt: skip
+    out = {"tokens_per_s": len(tokens) / elapsed, "tokens": tokens, "acceptance_rate": stats["acceptance_rate"],
+           "steps": stats["steps"]}  # fmt: skip
+    if compiled:
+        out["compile_s"] = runner.compile_seconds
+    return out
 
 
 def _decode_hf(checkpoint: str, prompt: list[int], new_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -184,7 +194,7 @@ def _http(checkpoint: str, args: argparse.Namespace, prompts: list[list[int]], s
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     serve_args = ServeArgs(checkpoint=checkpoint, dtype=args.dtype, speculative=speculative, threads=cores,
-                           max_tokens=args.new_tokens)  # fmt: skip
+                           max_tokens=args.new_tokens, compile=args.compile)  # fmt: skip
     app = RaymoeServer.options(num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0})
     serve.run(app.bind(serve_args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{args._port}"
@@ -254,6 +264,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decode["raymoe"] = _decode_ours(served, prompt, args.new_tokens, speculative=False)
     if has_mtp:
         decode["raymoe_mtp"] = _decode_ours(served, prompt, args.new_tokens, speculative=True)
+    if args.compile:
+        decode["raymoe_compiled"] = _decode_ours(served, prompt, args.new_tokens, speculative=False, compiled=True)
+        if has_mtp:
+            decode["raymoe_mtp_compiled"] = _decode_ours(served, prompt, args.new_tokens, True, compiled=True)
     ref = decode["raymoe"]["tokens"]
     for d in decode.values():
         d["same_tokens_as_raymoe"] = sum(a == b for a, b in zip(d.pop("tokens"), ref))
@@ -325,7 +339,9 @@ def format_table(report: dict) -> str:
              f"{report['new_tokens']} new tokens, load average {report['load_average']:.1f}", "",
              "| batch-1 decode (one process) | tok/s | × transformers | MTP acceptance | tokens equal to raymoe's |",
              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    names = {"transformers": "transformers generate", "raymoe": "raymoe, MTP off", "raymoe_mtp": "raymoe, MTP on"}
+    names = {"transformers": "transformers generate", "raymoe": "raymoe, MTP off", "raymoe_mtp": "raymoe, MTP on",
+             "raymoe_compiled": "raymoe compiled, MTP off",
+             "raymoe_mtp_compiled": "raymoe compiled, MTP on"}  # fmt: skip
     for name, d in report["decode"].items():
         x = f"{d['x_transformers']:.2f}" if d.get("x_transformers") else "–"
         acc = f"{d['acceptance_rate']:.2f}" if d.get("acceptance_rate") is not None else "–"
