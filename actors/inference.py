@@ -73,12 +73,7 @@ class InferenceStage:
         for block in self.blocks:
             if isinstance(block.mlp, MoE):
                 layer = block.self_attn.layer_id
-                shards = torch.tensor(placement.expert_shards[placement.moe_layers.index(layer)])
-                local = torch.zeros_like(shards)
-                for k in range(self.ep):
-                    here = (shards == k).nonzero().squeeze(1)
-                    local[here] = torch.arange(here.numel())
-                self.routing[layer] = (shards, local)
+                self.routing[layer] = placement.routing(layer)
         self.program = None
         self.finish = None
         self.pending: tuple[ExpertCall, list[torch.Tensor]] | None = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from raymoe.platform.config import ConfigError, ModelConfig, ParallelConfig
 
 
@@ -63,6 +65,15 @@ class Placement:
     def experts_on(self, shard: int, layer: int) -> list[int]:
         """The experts of MoE layer ``layer`` that shard ``shard`` holds, ascending."""
         return [e for e, s in enumerate(self.expert_shards[self.moe_layers.index(layer)]) if s == shard]
+
+    def routing(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shard of each expert [E], its index among that shard's experts [E]) of MoE layer ``layer``."""
+        shards = torch.tensor(self.expert_shards[self.moe_layers.index(layer)])
+        local = torch.zeros_like(shards)
+        for k in range(self.ep):
+            here = (shards == k).nonzero().squeeze(1)
+            local[here] = torch.arange(here.numel())
+        return shards, local
 
     def to_dict(self) -> dict:
         """JSON-serializable form (checkpoints record it)."""

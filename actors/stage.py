@@ -167,12 +167,7 @@ class AttentionStage(_Collective):
             if isinstance(block.mlp, MoE):
                 layer = block.self_attn.layer_id
                 self.moe[layer] = block.mlp
-                shards = torch.tensor(placement.expert_shards[placement.moe_layers.index(layer)])
-                local = torch.zeros_like(shards)
-                for k in range(self.ep):
-                    here = (shards == k).nonzero().squeeze(1)
-                    local[here] = torch.arange(here.numel())
-                self.routing[layer] = (shards, local)
+                self.routing[layer] = placement.routing(layer)
         self.flights: dict[Any, _Flight] = {}
         self.mtp_graphs: dict[Any, torch.Tensor] = {}
         self._reset_step()

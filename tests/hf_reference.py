@@ -38,3 +38,26 @@ def save_hf_checkpoint(cfg: ModelConfig, path: Path, seed: int = 0, max_shard_si
     model = hf_model(cfg, seed)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return model
+
+
+BPE_VOCAB = 300  # <= the tiny model's 512
+PYTHON_LINES = ["def f(x):\n    return x + 1\n", "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"]
+
+
+def train_tokenizer(path: Path, vocab_size: int = BPE_VOCAB) -> Path:
+    """A byte-level BPE (with ``<bos>`` and ``<eos>``) trained on a few lines of Python, saved as ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<bos>", "<eos>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(PYTHON_LINES * 20, trainer=trainer)
+    assert tokenizer.get_vocab_size() <= vocab_size
+    tokenizer.save(str(path))
+    return path

@@ -11,8 +11,7 @@ from raymoe.platform.config import load_config
 from raymoe.platform.generate import prepare_for_inference
 from raymoe.platform.model.transformer import DeepseekV3
 
-BPE_VOCAB = 300  # <= the tiny model's 512
-CORPUS = ["def f(x):\n    return x + 1\n", "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"]
+from hf_reference import train_tokenizer
 
 
 def tiny_model(seed: int = 0, std: float | None = None) -> DeepseekV3:
@@ -25,24 +24,6 @@ def tiny_model(seed: int = 0, std: float | None = None) -> DeepseekV3:
     model = DeepseekV3(cfg)
     model.init_weights(seed)
     return prepare_for_inference(model, torch.float32)
-
-
-def train_tokenizer(path: Path) -> Path:
-    """A byte-level BPE trained on a few lines of Python, saved as ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<bos>", "<eos>"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
-    tokenizer.save(str(path))
-    return path
 
 
 @pytest.fixture(scope="session")

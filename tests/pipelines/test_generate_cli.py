@@ -13,12 +13,10 @@ import torch
 from raymoe.pipelines import generate as generate_cli
 
 from conftest import tiny_variant
-from hf_reference import save_hf_checkpoint
+from hf_reference import save_hf_checkpoint, train_tokenizer
 
 NEW_TOKENS = 5
 INIT_STD = 0.1
-BPE_VOCAB = 300  # <= the tiny model's 512
-CORPUS = ["def f(x):\n    return x + 1\n", "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"]
 
 
 def _run(argv: list[str]) -> int:
@@ -27,24 +25,6 @@ def _run(argv: list[str]) -> int:
     generate_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["generate", *argv])
     return args.func(args)
-
-
-def _train_tokenizer(path: Path) -> None:
-    """A byte-level BPE trained on a few lines of Python, saved as ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<bos>", "<eos>"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
-    assert tokenizer.get_vocab_size() <= BPE_VOCAB
-    tokenizer.save(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +39,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn
 def checkpoint_with_tokenizer(checkpoint: tuple[Path, torch.nn.Module], tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt_tok") / "ckpt"
     shutil.copytree(checkpoint[0], path)
-    _train_tokenizer(path / generate_cli.TOKENIZER_FILE)
+    train_tokenizer(path / generate_cli.TOKENIZER_FILE)
     return path
 
 
