@@ -72,6 +72,7 @@ class ServeArgs(BaseModel):
     engine: Literal["local", "graph"] = "local"
     parallel: dict[str, int] = Field(default_factory=lambda: {"pp": 1, "ep": 1})
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
+    stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
     compile: bool = Field(False, description="torch.compile small decode steps (local engine; ~30-60 s at start)")
 
 
@@ -88,6 +89,12 @@ def _public_field(field: str, kind: str) -> str:
     if kind == "chat":
         return {"prompt": "messages", "max_tokens": "max_completion_tokens"}.get(field, field)
     return field
+
+
+def _merge(a: Output, b: Output) -> Output:
+    """Two consecutive outputs of one request as one."""
+    return Output(a.request_id, a.token_ids + b.token_ids, a.text + b.text, b.finished, b.finish_reason,
+                  b.prompt_tokens, b.completion_tokens, b.error)  # fmt: skip
 
 
 def _make_runner(args: ServeArgs, model: Any) -> Any:
@@ -190,14 +197,22 @@ class RaymoeServer:
             raise api.APIError(503, f"this replica cannot serve: {exc}") from None
         return rid, prompt, queue
 
-    async def _outputs(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[Output]:
+    async def _outputs(self, rid: str, queue: asyncio.Queue, interval_s: float = 0.0) -> AsyncIterator[Output]:
+        """The request's outputs; with ``interval_s``, those that arrive within it after the first are merged
+        into one (fewer, larger stream events: each costs the replica and the proxy the same)."""
         finished = False
+        last = None
         try:
             while not finished:
                 out = await queue.get()
+                if last is not None and interval_s > 0 and not out.finished:
+                    await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - last)))
+                    while not out.finished and not queue.empty():
+                        out = _merge(out, queue.get_nowait())
                 finished = out.finished
                 if out.error:
                     raise RuntimeError(out.error)
+                last = time.monotonic()
                 yield out
         finally:
             if not finished:  # the client went away (or the handler was cancelled): free the cache
@@ -233,7 +248,7 @@ class RaymoeServer:
         if kind == "chat":
             yield api.sse(api.chunk(kind, rid, model, created, "", role=True))
         try:
-            async for out in self._outputs(rid, queue):
+            async for out in self._outputs(rid, queue, self.args.stream_interval_ms / 1000):
                 use = api.usage(n_prompt, out.completion_tokens) if out.finished else None
                 if out.text or out.finished:
                     yield api.sse(api.chunk(kind, rid, model, created, out.text, out.finish_reason, use=use))
