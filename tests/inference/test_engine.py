@@ -128,6 +128,36 @@ def test_speculative_identical_under_batching_and_chunking(model) -> None:
     assert spec == plain
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):  # noqa: ANN001, ANN201
+    """The tiny preset trained briefly (MTP on), so that its drafts are often right."""
+    from raymoe.platform.checkpoint.training import load_training_model
+    from raymoe.platform.config import load_config
+    from raymoe.platform.generate import prepare_for_inference
+    from raymoe.platform.train.loop import pretrain
+
+    cfg = load_config("tiny", ["train.steps=60", "train.lr=3e-3", "train.eval_every=0", "tracking.enabled=false"])
+    out = tmp_path_factory.mktemp("trained")
+    pretrain(cfg, tiny_data, out, progress=False, engine="local")
+    return prepare_for_inference(load_training_model(str(out))[0], torch.float32)
+
+
+def test_drafts_do_not_depend_on_the_batch(trained) -> None:
+    """Each sequence's MTP drafts are the same alone and in a batch: equal acceptance counts (not just outputs)."""
+    ps = prompts(6, seed=11)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    alone = []
+    for p in ps:
+        engine = make_engine(trained)
+        run_to_completion(engine, [p], [params])
+        alone.append(engine.counters["draft_accepted"])
+    engine = make_engine(trained, max_batch_size=4, prefill_chunk=20)
+    run_to_completion(engine, ps, [params] * len(ps))
+    assert sum(alone) > 0 and engine.counters["draft_accepted"] == sum(alone)
+    assert engine.counters["draft_proposed"] == engine.counters["generated_tokens"] - len(ps) - sum(alone)
+    print(f"acceptance {engine.stats()['acceptance_rate']:.2f}")
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model) -> None:
     p = prompts(1)[0]
     params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=123)
