@@ -69,6 +69,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  tracking: {result.tracking_warning}")
     print(f"sample more: {prog} generate --checkpoint {output} --prompt 'import os'")
     print(f"export it for transformers: {prog} export --checkpoint {output} --out {output}/hf")
+    print(f"serve it (OpenAI API at http://127.0.0.1:8000/v1): {prog} serve --checkpoint {output}")
     return 0
 
 
