@@ -72,12 +72,15 @@ def load_served_model(location: str, dtype: torch.dtype = torch.bfloat16, device
         tokenizer = Tokenizer.from_str(raw)
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
         raise CheckpointError(f"cannot read {TOKENIZER_FILE} of {path}: {exc}") from None
-    if _read_text(path, CONFIG_FILE) is not None:  # Hugging Face layout (also the local engine's checkpoints)
+    from raymoe.platform.checkpoint.sharded import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):  # the actor graph's: one file per actor (it has a config.json too)
+        model, _ = load_training_model(path)
+    else:  # Hugging Face layout, which the local engine's checkpoints also have
         from raymoe.platform.checkpoint.hf import load_hf_checkpoint
 
         model = load_hf_checkpoint(path, dtype=torch.float32, strict_mtp=False)
-    else:
-        model, _ = load_training_model(path)  # float32; the routers stay float32 after the cast below
+    # float32 so far; the routers stay float32 after the cast below
     if tokenizer.get_vocab_size() > model.cfg.vocab_size:
         raise CheckpointError(
             f"the tokenizer of {path} has {tokenizer.get_vocab_size()} tokens, more than the model's "
