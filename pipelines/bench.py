@@ -7,8 +7,8 @@
     raymoe bench graph                          # the local engine against the actor graph at 4 layouts
     raymoe bench graph --json --dtype bf16 --steps 5
 
-``raymoe bench model`` is :mod:`raymoe.platform.benchmarks.model_bench`, ``raymoe bench graph``
-:mod:`raymoe.platform.benchmarks.graph_bench`.
+``raymoe bench model`` is :mod:`raymoe.pipelines.benchmarks.model_bench`, ``raymoe bench graph``
+:mod:`raymoe.pipelines.benchmarks.graph_bench`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raymoe.platform.benchmarks.model_bench import (
+from raymoe.pipelines.benchmarks.model_bench import (
     DTYPES,
     IMPLEMENTATIONS,
     MODES,
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_model(benchmarks)
     _register_graph(benchmarks)
     _register_recovery(benchmarks)
-    benchmarks_dir = "raymoe.platform.benchmarks"
+    benchmarks_dir = "raymoe.pipelines.benchmarks"
     _register_module(benchmarks, "serve", f"{benchmarks_dir}.serve_bench", "serving: decode, HTTP streams, MTP")
     _register_module(benchmarks, "kernels", f"{benchmarks_dir}.kernel_bench", "Triton kernels against torch (GPU)")
 
@@ -218,7 +218,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
-    from raymoe.platform.benchmarks import graph_bench
+    from raymoe.pipelines.benchmarks import graph_bench
 
     defaults = graph_bench.GraphBenchOptions()
     layouts = " ".join(",".join(map(str, layout)) for layout in defaults.layouts)
@@ -258,8 +258,8 @@ def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def graph_options_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~raymoe.platform.benchmarks.graph_bench.GraphBenchOptions` of the command line."""
-    from raymoe.platform.benchmarks.graph_bench import GraphBenchOptions, parse_layouts
+    """The :class:`~raymoe.pipelines.benchmarks.graph_bench.GraphBenchOptions` of the command line."""
+    from raymoe.pipelines.benchmarks.graph_bench import GraphBenchOptions, parse_layouts
     from raymoe.platform.config import ConfigError
 
     env = {}
@@ -285,7 +285,7 @@ def run_graph(args: argparse.Namespace) -> int:
     """Run ``raymoe bench graph``; exit code 1 when a row failed, else 0."""
     from tqdm import tqdm
 
-    from raymoe.platform.benchmarks import graph_bench
+    from raymoe.pipelines.benchmarks import graph_bench
 
     opts = graph_options_from_args(args)
     graph_bench.check_options(opts)  # a bad option fails now, not after minutes of benchmarking
@@ -316,7 +316,7 @@ def _register_recovery(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
 
     def _run(args: argparse.Namespace) -> int:
-        from raymoe.platform.benchmarks.recovery_bench import main
+        from raymoe.pipelines.benchmarks.recovery_bench import main
 
         return main(args)
 

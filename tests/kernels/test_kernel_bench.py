@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from raymoe.platform.benchmarks import kernel_bench
+from raymoe.pipelines.benchmarks import kernel_bench
 
 
 def _parser() -> argparse.ArgumentParser:

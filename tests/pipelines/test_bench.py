@@ -8,7 +8,7 @@ import pytest
 
 from raymoe.pipelines import cli
 from raymoe.pipelines.bench import format_table
-from raymoe.platform.benchmarks.model_bench import OURS, BenchOptions, Job, summarize
+from raymoe.pipelines.benchmarks.model_bench import OURS, BenchOptions, Job, summarize
 from raymoe.platform.config import load_config
 
 REPORT_KEYS = {"train_speedup", "decode_speedup", "configs", "matmul_tflops", "peak_mib", "flops_per_token"}

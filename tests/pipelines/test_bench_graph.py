@@ -7,7 +7,7 @@ import json
 import pytest
 
 from raymoe.pipelines import cli
-from raymoe.platform.benchmarks.graph_bench import LAYOUTS, parse_layouts
+from raymoe.pipelines.benchmarks.graph_bench import LAYOUTS, parse_layouts
 
 ROW_KEYS = {"label", "step_s", "tokens_per_s", "x_local", "compute_s", "other_s", "sum_compute_s", "first_loss"}
 

@@ -16,7 +16,7 @@ weights and AdamW state, for both models) and bf16 weights for decode (ours thro
 transformers' through ``model.to(torch.bfloat16)``).
 
 Every (implementation, dtype, mode) runs in its own worker process (``python -m
-raymoe.platform.benchmarks.model_bench --worker SPEC``), so the peak resident memory it reports
+raymoe.pipelines.benchmarks.model_bench --worker SPEC``), so the peak resident memory it reports
 (``VmHWM``) is its own. A worker may map at most ``memory_limit_mib`` (``RLIMIT_AS``), so running
 out of memory is a clean error, not the kernel's OOM killer; a failed worker is reported as such
 and the run goes on. Warmup steps are not timed; tokens/s is that of the median timed step (or
@@ -54,7 +54,7 @@ from raymoe.platform.info import FLOPS_PER_MAC, count_params, train_flops_per_to
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "raymoe.platform.benchmarks.model_bench"
+WORKER_MODULE = "raymoe.pipelines.benchmarks.model_bench"
 RESULT_PREFIX = "RAYMOE_BENCH_RESULT "  # marks the worker's result line on its stdout
 OURS = "ours"
 HF_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers 5's experts kernels that run on CPU
