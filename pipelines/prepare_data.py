@@ -3,12 +3,15 @@
     raymoe prepare-data --out data/stdlib                       # the Python standard library, a new BPE
     raymoe prepare-data --out data/mine --corpus notes/ web.jsonl --vocab-size 8192
     raymoe prepare-data --out data/hf --corpus rows.parquet --text-column content --tokenizer ckpt/tokenizer.json
+    raymoe prepare-data --out s3://bucket/data/stdlib           # straight to an S3-compatible store
 
-Writes DIR/tokenizer.json, DIR/{train,validation}-NNNNN.parquet and DIR/manifest.json (see
-``raymoe.platform.data.shards``). Ray: the running cluster when RAY_ADDRESS is set, else a local
-one started for the command. A wrong input (a missing file, a bad JSONL line, a missing Parquet
-column, text that is not UTF-8, an empty corpus) exits with code 2 and a message naming the file
-and line.
+Writes DIR/tokenizer.json, DIR/{train,validation}-NNNNN.parquet and, last, DIR/manifest.json (see
+``raymoe.platform.data.shards``). DIR is a local directory or a pyarrow filesystem URI (``s3://``,
+``gs://``, ``file://``; S3 is configured by the AWS_* variables or the URI's query, see
+``raymoe.platform.storage``); the corpus is read from local files. Ray: the running cluster when
+RAY_ADDRESS is set, else a local one started for the command. A wrong input (a missing file, a bad
+JSONL line, a missing Parquet column, text that is not UTF-8, an empty corpus) exits with code 2
+and a message naming the file and line; so does an output that cannot be written (a missing bucket).
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare-data", help="tokenize a corpus into Parquet shards (Ray Data)", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (its previous shards are replaced)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory or URI, e.g. s3://bucket/data (its previous shards are replaced)",
+    )
     p.add_argument(
         "--corpus",
         nargs="+",
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = prepare_dataset(
             args.out, config_from_args(args), num_cpus=args.num_cpus, progress=not args.no_progress
         )
-    except (DataError, OSError) as exc:  # a wrong input, or an output directory that cannot be written
+    except (DataError, OSError) as exc:  # a wrong input, or an output directory (or bucket) that cannot be written
         print(f"raymoe prepare-data: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     splits = ", ".join(f"{name} {s.sequences:,} ({len(s.shards)} shards)" for name, s in manifest.splits.items())

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from s3_server import s3_prefix, s3_server  # noqa: F401  (fixtures)
 
 from raymoe.platform.config import ModelConfig, load_config
 
@@ -27,7 +28,7 @@ def tiny_variant(**changes: object) -> ModelConfig:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):  # noqa: ANN001, F811  (s3_server first: workers inherit its variables at ray.init)
     """One local Ray for the whole session (2 CPUs, no dashboard), always shut down at the end."""
     import ray
 

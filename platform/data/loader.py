@@ -7,7 +7,8 @@ round-robin: rank r takes positions ``offset + r, offset + r + world_size, …``
 equally many and together cover the epoch (the few left over are skipped in that epoch only). A
 loader's position is (seed, epoch, offset, position): its :meth:`ShardLoader.state_dict`, which
 resumes at the exact next sample, on the same or another world size. Shards are read on first use,
-verified against the manifest's sha256 once, and kept as tensors.
+verified against the manifest's sha256 once, and kept as tensors. A data directory is a local path
+or a URI (``s3://bucket/data``): shards are read through pyarrow filesystems.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raymoe.platform.data.shards import DataError, Manifest, read_manifest, read_shard
+from raymoe.platform.data.shards import DataError, Location, Manifest, read_manifest, read_shard
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ class ShardStore:
     """The sequences of one split, read from its shards on demand and cached as tensors.
 
     Args:
-        data_dir: a prepared data directory (``manifest.json`` and shards).
+        data_dir: a prepared data directory (``manifest.json`` and shards): a local path or a URI.
         split: ``"train"`` or ``"validation"``.
         max_cached_shards: decoded shards kept in memory (least recently used dropped first);
             None keeps them all (the whole split, 4 bytes a token).
     """
 
-    def __init__(self, data_dir: Path | str, split: str = "train", max_cached_shards: int | None = None) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: Location, split: str = "train", max_cached_shards: int | None = None) -> None:
+        self.data_dir = str(data_dir)  # a string, as storage locations are: Path would mangle s3://
         self.manifest: Manifest = read_manifest(self.data_dir)
         if split not in self.manifest.splits:
             raise DataError(f"{self.data_dir}: no split {split!r} (splits: {', '.join(self.manifest.splits)})")
@@ -107,7 +107,7 @@ class ShardLoader:
     """Batches of a split, in a deterministic order that a checkpoint can resume exactly.
 
     Args:
-        data_dir: a prepared data directory.
+        data_dir: a prepared data directory: a local path or a URI.
         split: which split to read.
         batch_size: B, sequences per :meth:`next_batch` on this rank.
         seed: seed of the epoch permutations.
@@ -118,7 +118,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        data_dir: Path | str,
+        data_dir: Location,
         split: str = "train",
         *,
         batch_size: int,
@@ -226,7 +226,7 @@ class ShardLoader:
 
 
 def iter_batches(
-    data: Path | str | ShardStore,
+    data: Location | ShardStore,
     split: str = "validation",
     *,
     batch_size: int,
@@ -235,9 +235,9 @@ def iter_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole split once, in its stored order, for evaluation: (input_ids [b, S], labels [b, S]) long.
 
-    ``data`` is a data directory, or a :class:`ShardStore` to reuse its cached shards (its own split
-    is read then). Rank r of ``world_size`` takes sequences r, r + world_size, … (none dropped; counts
-    may differ by one between ranks). The last batch may be smaller than ``batch_size``.
+    ``data`` is a data directory (a local path or a URI), or a :class:`ShardStore` to reuse its cached
+    shards (its own split is read then). Rank r of ``world_size`` takes sequences r, r + world_size, …
+    (none dropped; counts may differ by one between ranks). The last batch may be smaller than ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

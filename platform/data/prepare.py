@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymoe.platform import storage
 from raymoe.platform.data.corpus import SPECIAL_TOKENS, stdlib_files, train_tokenizer
 from raymoe.platform.data.shards import (
     TOKEN_DTYPE,
@@ -44,6 +44,8 @@ from raymoe.platform.data.shards import (
     Manifest,
     SplitInfo,
     clear_data_dir,
+    data_file,
+    sha256_bytes,
     sha256_file,
     split_sequences,
     write_manifest,
@@ -349,16 +351,19 @@ def _load_tokenizer(config: PrepareConfig, pieces: list[Piece]) -> tuple[Any, in
     return tokenizer, tokenizer.token_to_id(EOS_TOKEN), None
 
 
-def _save_tokenizer(tokenizer: Any, eos_id: int, source: Path | None, out_dir: Path) -> dict[str, Any]:
+def _save_tokenizer(tokenizer: Any, eos_id: int, source: Path | None, out_dir: str) -> dict[str, Any]:
     """Write ``out_dir/tokenizer.json`` (a byte copy of ``source``, if given); return its manifest entry."""
-    target = out_dir / TOKENIZER_FILE
+    target = data_file(out_dir, TOKENIZER_FILE)
     if source is None:
-        tokenizer.save(str(target))
-    elif source.resolve() != target.resolve():
-        shutil.copyfile(source, target)
+        data = tokenizer.to_str(pretty=True).encode("utf-8")  # the bytes Tokenizer.save writes
+    else:
+        data = _read_range(str(source))
+    # unless it is there already (--tokenizer OUT/tokenizer.json): never truncate the source being copied
+    if not (storage.is_file(target) and sha256_file(target) == sha256_bytes(data)):
+        storage.write_bytes(target, data)
     return {
         "file": TOKENIZER_FILE,
-        "sha256": sha256_file(target),
+        "sha256": sha256_bytes(data),
         "source": "trained" if source is None else str(source),
         "eos_token": tokenizer.id_to_token(eos_id),
     }
@@ -484,12 +489,14 @@ def prepare_dataset(
 ) -> Manifest:
     """Tokenize ``config``'s corpus into shards under ``out_dir``; return the manifest written there.
 
+    ``out_dir`` is a local path or a URI (``s3://bucket/data``); the corpus files are local.
+
     Ray: the running one, else ``RAY_ADDRESS``'s cluster, else a local Ray of ``num_cpus`` started
     and shut down here. Raises :class:`DataError` for a wrong input, naming the file and line.
     """
     config = config or PrepareConfig()
     config.validate()
-    out_dir = Path(out_dir)
+    out = str(out_dir)  # a local path or a URI: every write goes through pyarrow filesystems
     pieces, corpus = plan_corpus(config)
     tokenizer, eos_id, source = _load_tokenizer(config, pieces)
     units = _units(pieces)
@@ -503,9 +510,12 @@ def prepare_dataset(
     if num_sequences == 0:
         raise DataError(f"corpus too small: {len(stream)} tokens, fewer than one sequence of {seq_len + 1}")
     # the input is good: only now replace what out_dir held
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_data_dir(out_dir)
-    tokenizer_entry = _save_tokenizer(tokenizer, eos_id, source, out_dir)
+    try:
+        storage.make_dirs(out)
+    except OSError as exc:  # e.g. a bucket that does not exist
+        raise storage.StorageError(f"cannot create the output directory {out}: {exc}") from None
+    clear_data_dir(out)
+    tokenizer_entry = _save_tokenizer(tokenizer, eos_id, source, out)
     doc_ends = np.cumsum(doc_tokens + 1)  # [D] end of each document (its EOS included) in the stream
     splits: dict[str, SplitInfo] = {}
     from tqdm import tqdm
@@ -513,7 +523,7 @@ def prepare_dataset(
     with tqdm(total=num_sequences, desc="write shards", unit="seq", disable=not progress) as bar:
         for split, indices in split_sequences(num_sequences, config.val_fraction, config.seed).items():
             splits[split] = write_split(
-                out_dir, split, stream, indices, doc_ends, seq_len, config.shard_sequences, on_shard=bar.update
+                out, split, stream, indices, doc_ends, seq_len, config.shard_sequences, on_shard=bar.update
             )
     manifest = Manifest(
         seq_len=seq_len,
@@ -528,6 +538,6 @@ def prepare_dataset(
         corpus=corpus,
         splits=splits,
     )
-    checksum = write_manifest(out_dir, manifest)
-    logger.info("prepared %d sequences (%d tokens) in %s", num_sequences, len(stream), out_dir)
+    checksum = write_manifest(out, manifest)  # last: a directory without a manifest is not a prepared dataset
+    logger.info("prepared %d sequences (%d tokens) in %s", num_sequences, len(stream), out)
     return replace(manifest, checksum=checksum)

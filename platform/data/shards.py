@@ -11,10 +11,16 @@ Each shard is a Parquet table with one column, ``input_ids``: ``fixed_size_list<
 one row per sequence (the inputs are ``row[:-1]``, the next-token labels ``row[1:]``). The manifest
 records every shard's sequence count and sha256, so a corrupt or changed shard is caught when it is
 read.
+
+A data directory is a local path or a pyarrow filesystem URI (``s3://bucket/data``, ``file:///x``):
+every read and write goes through :mod:`raymoe.platform.storage`. Locally the manifest is written
+to a temporary name and renamed; on an object store (no rename) it is one PUT, the last write, so
+a half-written directory has no manifest and is not a prepared dataset.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -28,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raymoe.platform import storage
+
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_NAME = "raymoe-token-shards"
@@ -37,6 +45,9 @@ TOKEN_DTYPE = np.int32
 SPLITS = ("train", "validation")
 SHARD_PATTERN = "{split}-{index:05d}.parquet"
 HASH_CHUNK_BYTES = 1 << 20
+TMP_SUFFIX = ".tmp"
+
+Location = Path | str  # a local path, or a URI such as s3://bucket/data
 
 
 class DataError(ValueError):
@@ -164,15 +175,21 @@ def shard_name(split: str, index: int) -> str:
     return SHARD_PATTERN.format(split=split, index=index)
 
 
+def data_file(data_dir: Location, name: str) -> str:
+    """The location of file ``name`` in a data directory (a local path or a URI, its query kept at the end)."""
+    return storage.join(str(data_dir), name)
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
+def sha256_file(path: Location) -> str:
+    """Hex sha256 of a file's bytes (a local path or a URI), read in chunks."""
+    fs, fs_path = storage.filesystem(str(path))
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_input_stream(fs_path) as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
@@ -190,24 +207,26 @@ def encode_shard(sequences: np.ndarray) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(data_dir: Path, split: str, index: int, sequences: np.ndarray) -> ShardInfo:
+def write_shard(data_dir: Location, split: str, index: int, sequences: np.ndarray) -> ShardInfo:
     """Write ``sequences`` [n, S + 1] as shard ``index`` of ``split``; return its name, count and sha256."""
     data = encode_shard(sequences)
     name = shard_name(split, index)
-    (data_dir / name).write_bytes(data)
+    storage.write_bytes(data_file(data_dir, name), data)
     return ShardInfo(file=name, sequences=int(sequences.shape[0]), sha256=sha256_bytes(data))
 
 
-def read_shard(data_dir: Path, shard: ShardInfo, seq_len: int, verify: bool = True) -> torch.Tensor:
+def read_shard(data_dir: Location, shard: ShardInfo, seq_len: int, verify: bool = True) -> torch.Tensor:
     """The sequences of one shard: [n, S + 1] int32.
 
     With ``verify``, the file's sha256 must match the manifest's. Raises :class:`DataError` naming
     the shard when it is missing, changed ("checksum mismatch"), not readable Parquet, or not of the
     manifest's shape.
     """
-    path = Path(data_dir) / shard.file
+    path = data_file(data_dir, shard.file)
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DataError(f"shard {path}: cannot read it (no such file); run prepare-data again") from None
     except OSError as exc:
         raise DataError(f"shard {path}: cannot read it ({exc.strerror or exc}); run prepare-data again") from None
     if verify:
@@ -255,7 +274,7 @@ def documents_covered(indices: np.ndarray, doc_ends: np.ndarray, seq_len: int) -
 
 
 def write_split(
-    data_dir: Path,
+    data_dir: Location,
     split: str,
     stream: np.ndarray,
     indices: np.ndarray,
@@ -284,28 +303,49 @@ def write_split(
     )
 
 
-def clear_data_dir(data_dir: Path) -> None:
-    """Remove a previous manifest first (so a crash leaves no valid manifest), then its shards."""
-    (Path(data_dir) / MANIFEST_FILE).unlink(missing_ok=True)
-    for split in SPLITS:
-        for old in Path(data_dir).glob(f"{split}-*.parquet"):
-            old.unlink()
-
-
-def write_manifest(data_dir: Path, manifest: Manifest) -> str:
-    """Write ``manifest.json`` atomically (a temporary file, then a rename); return its sha256."""
-    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
-    tmp = Path(data_dir) / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, Path(data_dir) / MANIFEST_FILE)
-    return sha256_bytes(text.encode("utf-8"))
-
-
-def read_manifest(data_dir: Path | str) -> Manifest:
-    """The manifest of a prepared data directory, with its ``checksum``; :class:`DataError` if absent or wrong."""
-    path = Path(data_dir) / MANIFEST_FILE
+def _delete_file(location: str) -> None:
+    """Remove one file; nothing when it is not there (a helper :mod:`raymoe.platform.storage` lacks)."""
+    fs, path = storage.filesystem(location)
     try:
-        raw = path.read_bytes()
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if fs.get_file_info(path).type.name != "NotFound":
+            raise storage.StorageError(f"cannot remove {location}: {exc}") from None
+
+
+def clear_data_dir(data_dir: Location) -> None:
+    """Remove a previous manifest first (so a crash leaves no valid manifest), then its shards."""
+    _delete_file(data_file(data_dir, MANIFEST_FILE))
+    patterns = [f"{split}-*.parquet" for split in SPLITS]
+    for name, is_dir in storage.list_dir(str(data_dir)):
+        if not is_dir and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            _delete_file(data_file(data_dir, name))
+
+
+def write_manifest(data_dir: Location, manifest: Manifest) -> str:
+    """Write ``manifest.json``, the last file of a prepared directory; return its sha256.
+
+    On a local disk atomically: a temporary file, then a rename. On an object store, which has no
+    rename, as one object: it appears whole or not at all.
+    """
+    data = (json.dumps(manifest.to_dict(), indent=2) + "\n").encode("utf-8")
+    target = data_file(data_dir, MANIFEST_FILE)
+    fs, path = storage.filesystem(target)
+    if storage.is_local(fs):
+        storage.write_bytes(path + TMP_SUFFIX, data)
+        os.replace(path + TMP_SUFFIX, path)
+    else:
+        storage.write_bytes(target, data)
+    return sha256_bytes(data)
+
+
+def read_manifest(data_dir: Location) -> Manifest:
+    """The manifest of a prepared data directory, with its ``checksum``; :class:`DataError` if absent or wrong."""
+    path = data_file(data_dir, MANIFEST_FILE)
+    try:
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise DataError(
             f"{data_dir}: no {MANIFEST_FILE}; prepare the data first (`raymoe prepare-data --out {data_dir}`)"
@@ -327,3 +367,17 @@ def read_manifest(data_dir: Path | str) -> Manifest:
         return Manifest.from_dict(d, checksum=sha256_bytes(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: incomplete manifest ({type(exc).__name__}: {exc}); run prepare-data again") from None
+
+
+def read_tokenizer_json(data_dir: Location) -> str:
+    """The text of a data directory's ``tokenizer.json`` (``tokenizers.Tokenizer.from_str`` loads it).
+
+    Raises :class:`DataError` naming the location when it is absent or unreadable.
+    """
+    path = data_file(data_dir, TOKENIZER_FILE)
+    try:
+        return storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{data_dir}: no {TOKENIZER_FILE}; run prepare-data again") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc}); run prepare-data again") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raymoe.platform import storage
 from raymoe.platform.data import prepare as prepare_module
 from raymoe.platform.data.loader import ShardLoader, ShardStore, epoch_permutation, iter_batches
 from raymoe.platform.data.prepare import PrepareConfig, plan_corpus, prepare_dataset, read_piece
@@ -19,8 +21,10 @@ from raymoe.platform.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
     DataError,
+    data_file,
     read_manifest,
     read_shard,
+    read_tokenizer_json,
     sha256_file,
     split_sequences,
 )
@@ -289,3 +293,129 @@ def test_iter_batches_covers_the_validation_split_in_order(prepared: Path) -> No
 def test_missing_manifest_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="prepare-data"):
         ShardLoader(tmp_path, batch_size=2)
+
+
+# ---- a data directory on S3 (moto's server, see tests/s3_server.py) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_s3(ray_local, s3_server) -> str:
+    """The corpus and settings of ``prepared``, written straight to ``s3://``."""
+    uri = s3_server.uri(f"{__name__}/stdlib")
+    prepare_dataset(uri, PrepareConfig(**TINY))
+    return uri
+
+
+def _copy(src: str, dst: str, names: list[str]) -> None:
+    """Copy files ``names`` of directory ``src`` to ``dst`` (local paths or URIs)."""
+    for name in names:
+        storage.write_bytes(data_file(dst, name), storage.read_bytes(data_file(src, name)))
+
+
+def _names(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in data_dir.iterdir())
+
+
+def test_s3_directory_is_byte_identical_to_a_local_one(prepared: Path, prepared_s3: str, s3_server) -> None:
+    names = _names(prepared)
+    assert s3_server.keys(prepared_s3) == names  # nothing else: no temporary manifest, no stray shard
+    for name in names:
+        assert storage.read_bytes(data_file(prepared_s3, name)) == (prepared / name).read_bytes(), name
+    m = read_manifest(prepared_s3)
+    assert m == read_manifest(prepared) and m.checksum == read_manifest(prepared).checksum
+    assert read_tokenizer_json(prepared_s3) == (prepared / TOKENIZER_FILE).read_text(encoding="utf-8")
+    shard = m.splits["train"].shards[2]
+    assert sha256_file(data_file(prepared_s3, shard.file)) == shard.sha256
+
+
+def test_loader_reads_the_same_batches_from_a_uri(prepared: Path, prepared_s3: str, s3_server, monkeypatch) -> None:
+    n = len(ShardStore(prepared))
+    steps = n // BATCH + 2  # into the second epoch
+    for uri in (prepared_s3, f"file://{prepared}"):
+        local = ShardLoader(prepared, batch_size=BATCH, seed=5, rank=1, world_size=2)
+        remote = ShardLoader(uri, batch_size=BATCH, seed=5, rank=1, world_size=2)
+        assert remote.store.data_dir == uri
+        for _ in range(steps):
+            for a, b in zip(local.next_batch(), remote.next_batch()):
+                assert torch.equal(a, b)
+        # a state saved on the URI resumes on the local copy (the same manifest) at the same sample
+        resumed = ShardLoader(prepared, batch_size=BATCH, seed=0, rank=1, world_size=2)
+        resumed.load_state_dict(remote.state_dict())
+        assert torch.equal(resumed.next_batch()[0], remote.next_batch()[0])
+        expected = list(iter_batches(prepared, "validation", batch_size=7))
+        got = list(iter_batches(uri, "validation", batch_size=7))
+        assert len(got) == len(expected) > 1
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+    # the endpoint in the URI's query instead of the environment: every shard's location keeps it
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    in_query = s3_server.uri(f"{__name__}/stdlib", endpoint=True)
+    rows = torch.cat([b[0] for b in iter_batches(in_query, "train", batch_size=64)])
+    assert torch.equal(rows, torch.cat([b[0] for b in iter_batches(prepared, "train", batch_size=64)]))
+
+
+def test_a_ray_worker_reads_the_s3_directory(prepared: Path, prepared_s3: str, ray_local) -> None:
+    """ray_local starts after s3_server: its workers have the endpoint and credentials in their environment."""
+
+    @ray_local.remote(num_cpus=0)
+    def first_batch(data_dir: str) -> torch.Tensor:
+        return ShardLoader(data_dir, batch_size=BATCH, seed=9).next_batch()[0]
+
+    got = ray_local.get(first_batch.remote(prepared_s3), timeout=120)
+    assert torch.equal(got, ShardLoader(prepared, batch_size=BATCH, seed=9).next_batch()[0])
+
+
+def test_corrupt_or_missing_shard_on_s3_is_named(prepared: Path, prepared_s3: str, s3_prefix: str) -> None:
+    _copy(prepared_s3, s3_prefix, _names(prepared))
+    shards = read_manifest(s3_prefix).splits["train"].shards
+    raw = bytearray(storage.read_bytes(data_file(s3_prefix, shards[1].file)))
+    raw[len(raw) // 2] ^= 0xFF
+    storage.write_bytes(data_file(s3_prefix, shards[1].file), bytes(raw))
+    loader = ShardLoader(s3_prefix, batch_size=BATCH, shuffle=False)
+    with pytest.raises(DataError, match=re.escape(f"shard {s3_prefix}/{shards[1].file}: checksum mismatch")):
+        for _ in range(len(loader.store) // BATCH + 1):
+            loader.next_batch()
+    storage.delete_dir(s3_prefix)  # the whole prefix, manifest included, is gone
+    with pytest.raises(DataError, match=re.escape(f"shard {s3_prefix}/{shards[0].file}: cannot read it (no such")):
+        read_shard(s3_prefix, shards[0], TINY["seq_len"])
+
+
+def test_prefix_without_a_manifest_is_not_a_dataset(prepared: Path, prepared_s3: str, s3_prefix: str) -> None:
+    expected = f"{s3_prefix}: no {MANIFEST_FILE}; prepare the data first (`raymoe prepare-data --out {s3_prefix}`)"
+    with pytest.raises(DataError, match=re.escape(expected)):  # nothing there
+        ShardLoader(s3_prefix, batch_size=2)
+    _copy(prepared_s3, s3_prefix, [n for n in _names(prepared) if n != MANIFEST_FILE])  # all but the manifest
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ShardStore(s3_prefix)
+    with pytest.raises(DataError, match=re.escape(f"s3://no-such-bucket-raymoe/data: no {MANIFEST_FILE}")):
+        read_manifest("s3://no-such-bucket-raymoe/data")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_prepare_that_fails_midway_leaves_no_manifest(
+    prepared: Path, prepared_s3: str, s3_prefix: str, tmp_path: Path, monkeypatch, where: str
+) -> None:
+    """Preparing over a dataset removes its manifest first and writes the new one last."""
+    out = s3_prefix if where == "s3" else str(tmp_path / "data")
+    _copy(prepared_s3, out, _names(prepared))
+    assert len(read_manifest(out).splits["train"].shards) > 1
+    one_shard = PrepareConfig(**{**TINY, "shard_sequences": 100_000})
+    real_write_split = prepare_module.write_split
+
+    def write_split_then_fail(data_dir, split, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        info = real_write_split(data_dir, split, *args, **kwargs)
+        if split == "validation":
+            raise OSError("disk full (injected)")
+        return info
+
+    monkeypatch.setattr(prepare_module, "write_split", write_split_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        prepare_dataset(out, one_shard)
+    with pytest.raises(DataError, match=f"no {MANIFEST_FILE}"):
+        read_manifest(out)
+    monkeypatch.undo()
+    manifest = prepare_dataset(out, one_shard)
+    files = sorted(name for name, is_dir in storage.list_dir(out) if not is_dir)
+    # the old shards (train-00001…) are gone, and no temporary manifest is left
+    assert files == [MANIFEST_FILE, TOKENIZER_FILE, "train-00000.parquet", "validation-00000.parquet"]
+    assert read_manifest(out).checksum == manifest.checksum
+    assert ShardLoader(out, batch_size=BATCH).next_batch()[0].shape == (BATCH, TINY["seq_len"])
