@@ -1,1 +1,2 @@
-"""Ray actors (AttentionStage, ExpertShard), placement and the driver: the actor-graph issue."""
+"""The actor graph: the runtime, one stage actor and one shard actor (training or serving), the placement,
+the training driver and its elastic wrapper, the serving runner, and the trainer factory."""

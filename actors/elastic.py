@@ -1,11 +1,12 @@
 """The elastic, fault-tolerant actor graph: rebuild after a failure, shrink to what fits, grow back.
 
 :class:`ElasticGraph` has the engine interface of :class:`GraphTrainer` and wraps one. When a
-step fails (an actor died, hung past ``parallel.timeout_s``, or raised), the training loop
-calls :meth:`ElasticGraph.recover`: the failure policy decides whether to go on and after what
+step fails (an actor died, hung past ``parallel.timeout_s``, or raised), it recovers by itself
+(:meth:`ElasticGraph.recover`): the failure policy decides whether to go on and after what
 backoff; the scaling policy picks the largest layout the cluster can place now; a new graph is
 built and restored from the latest complete checkpoint (re-sharded when the layout changed);
-the loop rewinds its data loader to that checkpoint's position. At every step boundary,
+then it raises :class:`~raymoe.platform.train.trainer.StepRewound` with that checkpoint's state,
+and the training loop rewinds its data loader to that position. At every step boundary,
 :meth:`ElasticGraph.at_step_boundary` grows the graph back toward ``parallel.dp``/``ep`` when
 actors fit again, or resizes it on request (``raymoe resize``), by writing a checkpoint and
 restoring it into the new layout: no step is lost or repeated.
@@ -29,9 +30,10 @@ from typing import Any
 
 from raymoe.actors.driver import GraphTrainer
 from raymoe.actors.policy import FailureAction, FailurePolicy, Layout, ScalingPolicy
-from raymoe.actors.stage import GraphError
-from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+from raymoe.actors.runtime import GraphError, ensure_ray
+from raymoe.platform.checkpoint.layout import latest_checkpoint
 from raymoe.platform.config import ConfigError, RaymoeConfig
+from raymoe.platform.train.trainer import StepRewound
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +54,23 @@ class ElasticGraph:
 
     Args:
         cfg: the run's config; ``parallel`` is the largest layout, ``elastic`` the policies.
-        control_dir: where ``raymoe resize`` leaves its requests (the run's output directory).
+        control_dir: where ``raymoe resize`` leaves its requests (the run's output directory, when local).
+        checkpoint_root: where the run's checkpoints are (``train.checkpoint_uri`` or the output).
         clock, sleep: injectable for tests.
     """
+
+    kind = "graph"
 
     def __init__(
         self,
         cfg: RaymoeConfig,
         control_dir: str | Path | None = None,
+        checkpoint_root: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.cfg = cfg
+        self.checkpoint_root = checkpoint_root
         e, p = cfg.elastic, cfg.parallel
         self.control_dir = Path(control_dir) if control_dir is not None else None
         self.sleep = sleep
@@ -80,20 +87,22 @@ class ElasticGraph:
         self.layout = self._fitting(self.wanted, self.placeable(0))
         self.graph = self._build(self.layout)
 
-    # -- the engine interface -------------------------------------------------------------------
+    # -- the trainer interface ------------------------------------------------------------------
+    # A failure in any of these is recovered from here (StepRewound tells the loop to rewind).
 
     @property
     def step(self) -> int:
         return self.graph.step
 
     def train_step(self, micro_batches: list) -> Any:
-        return self.graph.train_step(micro_batches)
+        return self._guard(self.graph.train_step, micro_batches)
 
     def evaluate(self, batches: list) -> Any:
-        return self.graph.evaluate(batches)
+        return self._guard(self.graph.evaluate, batches)
 
     def save_checkpoint(self, root: str, state: dict, extra_files: list | None = None) -> str:
-        return self.graph.save_checkpoint(root, state, extra_files)
+        self.checkpoint_root = self.checkpoint_root or str(root)
+        return self._guard(self.graph.save_checkpoint, root, state, extra_files)
 
     def load_checkpoint(self, path: str) -> dict:
         return self.graph.load_checkpoint(path)
@@ -109,6 +118,14 @@ class ElasticGraph:
     @property
     def pids(self) -> dict[str, int]:
         return self.graph.pids
+
+    def _guard(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except GraphError as exc:
+            state = self.recover(exc, self.checkpoint_root)
+            metrics = {"elastic/dp": self.layout.dp, "elastic/ep": self.layout.ep}
+            raise StepRewound(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, state, metrics) from exc
 
     # -- layouts --------------------------------------------------------------------------------
 
@@ -130,6 +147,7 @@ class ElasticGraph:
         cluster (how they split across nodes is not modelled)."""
         import ray
 
+        ensure_ray()
         p = self.cfg.parallel
         need = {k: v for k, v in (("CPU", p.num_cpus_per_actor), ("GPU", p.num_gpus_per_actor)) if v > 0}
         if not need:
@@ -151,7 +169,7 @@ class ElasticGraph:
 
     # -- failures -------------------------------------------------------------------------------
 
-    def recover(self, error: BaseException, checkpoint_root: str) -> dict | None:
+    def recover(self, error: BaseException, checkpoint_root: str | None) -> dict | None:
         """After a failed step: decide, rebuild on what can be placed, restore the latest checkpoint.
 
         Returns the restored checkpoint's state (the loop rewinds its loader to it), or None when
@@ -186,7 +204,7 @@ class ElasticGraph:
             logger.warning("actor graph rebuilt at dp=%d ep=%d (was dp=%d ep=%d)", layout.dp, layout.ep,
                            self.layout.dp, self.layout.ep)  # fmt: skip
         self.layout = layout
-        ckpt = latest_checkpoint_uri(checkpoint_root)
+        ckpt = latest_checkpoint(checkpoint_root) if checkpoint_root else None
         if ckpt is None:
             logger.warning("no checkpoint yet: starting over from step 0")
             return None
@@ -226,19 +244,29 @@ class ElasticGraph:
             return None
         return allowed[(dp, ep)]
 
-    def at_step_boundary(self, save: Callable[[], str]) -> bool:
-        """Grow (or resize on request) between steps; ``save`` writes a checkpoint of now and returns it."""
+    def at_step_boundary(self, save: Callable[[], str]) -> dict[str, float]:
+        """Grow (or resize on request) between steps; ``save`` writes a checkpoint of now and returns it.
+
+        Returns the new layout's metrics when it changed, else an empty dict."""
+        try:
+            return self._at_step_boundary(save)
+        except GraphError as exc:
+            state = self.recover(exc, self.checkpoint_root)
+            metrics = {"elastic/dp": self.layout.dp, "elastic/ep": self.layout.ep}
+            raise StepRewound(str(exc).splitlines()[0], state, metrics) from exc
+
+    def _at_step_boundary(self, save: Callable[[], str]) -> dict[str, float]:
         requested = self._requested()
         if requested is not None:
             self.wanted = requested
         if self.layout == self.wanted or (requested is None and not self.cfg.elastic.grow):
-            return False
+            return {}
         try:
             target = self._fitting(self.wanted, self.placeable(len(self.graph.actors())))  # colocated: one actor
         except ConfigError:
-            return False
+            return {}
         if target == self.layout:
-            return False
+            return {}
         t0 = time.perf_counter()
         path = save()
         self.graph.shutdown()
@@ -249,4 +277,4 @@ class ElasticGraph:
         self.events.append({"kind": "resize", "from": [self.layout.dp, self.layout.ep], "to": [target.dp, target.ep],
                             "step": self.graph.step})  # fmt: skip
         self.layout = target
-        return True
+        return {"elastic/dp": target.dp, "elastic/ep": target.ep}

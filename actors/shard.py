@@ -1,11 +1,12 @@
-"""``ExpertShard``: the routed experts a placement gives one shard, for every MoE layer, with their AdamW state.
+"""``Shard``: the routed experts a placement gives one expert shard, for every MoE layer, training or serving.
 
-For each (MoE layer, micro-batch) the shard receives one dispatch buffer per attention
-replica, runs its experts on all of them at once (one grouped pass), and returns each replica
-its rows' weighted outputs; the backward mirrors it and returns the gradients of the rows and
-of the gate weights. Expert gradients accumulate over the step's micro-batches; the driver then
-asks for the squared gradient norm and steps every shard. A shard takes part in every step,
-also with zero rows.
+For each (MoE layer, program) the shard receives one :class:`~raymoe.actors.messages.DispatchBuffer`
+per attention replica, runs its experts on all of them at once (one grouped pass of
+:class:`~raymoe.platform.model.moe.Experts`, the model's own), and returns each replica its rows'
+weighted outputs. In training the backward mirrors it and returns each replica the gradients of its
+rows and gate weights; expert gradients accumulate over the step's micro-batches, then the driver
+asks for the squared gradient norm and steps every shard. A shard takes part in every step, also
+with zero rows. It loads its own experts from a checkpoint of any layout, expert by expert.
 """
 
 from __future__ import annotations
@@ -17,60 +18,72 @@ from typing import Any
 import torch
 from torch import nn
 
+from raymoe.actors.messages import DispatchBuffer, ExpertGrads
 from raymoe.actors.placement import Placement
-from raymoe.actors.stage import set_threads
-from raymoe.platform.checkpoint.sharded import (
-    OPTIMIZER_PREFIX,
-    expert_name,
-    load_optimizer_state,
-    optimizer_state_tensors,
-    split_experts,
-    write_file,
-)
+from raymoe.actors.runtime import GraphError, set_threads
+from raymoe.actors.stage import ServingSpec
+from raymoe.platform.checkpoint.layout import OPTIMIZER_PREFIX, experts_file, split_experts
+from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
+from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
-from raymoe.platform.model.moe import Experts, experts_on_rows
+from raymoe.platform.model.moe import Experts
 from raymoe.platform.model.transformer import init_parameter_, moe_prefix
 from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
 
-class ExpertShard:
+class Shard:
     """Expert shard ``shard`` of ``placement.ep``.
 
     Args:
         cfg: the run's config.
         placement: where every layer and expert lives.
         shard: this shard's index.
+        serving: inference mode (weights, dtype, device); None: training mode.
     """
 
-    def __init__(self, cfg: RaymoeConfig, placement: Placement, shard: int) -> None:
-        set_threads(cfg.parallel.num_cpus_per_actor, peers=placement.ep)
-        self.cfg = cfg
-        self.placement = placement
-        self.shard = shard
+    def __init__(self, cfg: RaymoeConfig, placement: Placement, shard: int, serving: ServingSpec | None = None):
+        self.train_mode = serving is None
+        set_threads(cfg.parallel.num_cpus_per_actor if self.train_mode else 0.0, peers=placement.ep)
+        self.cfg, self.placement, self.shard = cfg, placement, shard
+        self.device = torch.device(serving.device if serving is not None else "cpu")
         m = cfg.model
         self.experts = nn.ModuleDict()
-        self.expert_ids: dict[int, list[int]] = {}
-        self.names: dict[int, str] = {}  # layer -> state-dict prefix of its stacked experts
+        self.expert_ids: dict[str, list[int]] = {}  # stacked tensor name -> its experts' global ids
+        with torch.device("meta"):
+            for layer in placement.moe_layers:
+                self.experts[str(layer)] = Experts(len(placement.experts_on(shard, layer)), m.hidden_size,
+                                                   m.moe_intermediate_size)  # fmt: skip
+        self.experts.to_empty(device=self.device)
+        if serving is not None:
+            self.experts.to(serving.dtype)
+        self.params: list[tuple[str, nn.Parameter]] = []
         for layer in placement.moe_layers:
-            ids = placement.experts_on(shard, layer)
-            self.expert_ids[layer] = ids
-            self.names[layer] = f"{moe_prefix(layer, m.num_hidden_layers)}.experts"
-            experts = Experts(len(ids), m.hidden_size, m.moe_intermediate_size)
-            for pname, p in experts.named_parameters():
-                init_parameter_(f"{self.names[layer]}.{pname}", p, m.initializer_range, cfg.train.seed, ids)
-            self.experts[str(layer)] = experts
-        self.params = [
-            (f"{self.names[layer]}.{pname}", p)
-            for layer in placement.moe_layers
-            for pname, p in self.experts[str(layer)].named_parameters()
-        ]
-        self.optimizer = build_optimizer(self.params, cfg.train)
+            prefix = f"{moe_prefix(layer, m.num_hidden_layers)}.experts"
+            for pname, p in self.experts[str(layer)].named_parameters():
+                self.params.append((f"{prefix}.{pname}", p))
+                self.expert_ids[f"{prefix}.{pname}"] = placement.experts_on(shard, layer)
+        source = serving.checkpoint if serving is not None else cfg.train.init_from
+        if source:
+            load_into(dict(self.params), open_checkpoint(source), self.expert_ids)
+        else:
+            for name, p in self.params:
+                init_parameter_(name, p, m.initializer_range, cfg.train.seed, self.expert_ids[name])
         self.graphs: dict[tuple[int, Any], tuple] = {}
-        self._reset_step()
+        if self.train_mode:
+            self.optimizer = build_optimizer(self.params, cfg.train)
+            self._reset_step()
+        else:
+            self.experts.eval()
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for _, p in self.params)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "params": sum(p.numel() for _, p in self.params), "experts": self.expert_ids}
+        experts = {layer: self.placement.experts_on(self.shard, layer) for layer in self.placement.moe_layers}
+        params = sum(p.numel() for _, p in self.params)
+        return {"pid": os.getpid(), "params": params, "param_bytes": self.param_bytes, "experts": experts}
 
     def _reset_step(self) -> None:
         self.ran: set[int] = set()
@@ -80,41 +93,47 @@ class ExpertShard:
 
     # -- forward and backward -------------------------------------------------------------------
 
-    def forward(self, layer: int, key: Any, train: bool, *buffers: tuple) -> Any:
-        """Run layer ``layer``'s experts on one dispatch buffer per replica; returns one output per buffer."""
+    def forward(self, layer: int, key: Any, train: bool, *buffers: DispatchBuffer) -> Any:
+        """Run layer ``layer``'s experts on one buffer per replica; returns one output [n, D] per buffer."""
         t0 = time.perf_counter()
         experts = self.experts[str(layer)]
         xs, ws = [], []
-        for x, _, w in buffers:
-            # rows arrive in the compute dtype; gradients accumulate in float32 as in one process
-            xs.append(x.float().requires_grad_(train))
-            ws.append(w.requires_grad_(train))
+        for b in buffers:
+            if train:  # rows arrive in the compute dtype; gradients accumulate in float32 as in one process
+                xs.append(b.x.to(self.device).float().requires_grad_())
+                ws.append(b.weights.to(self.device).requires_grad_())
+            else:
+                xs.append(b.x.to(self.device))
+                ws.append(b.weights.to(self.device))
         sizes = [x.shape[0] for x in xs]
-        local_ids = torch.cat([ids for _, ids, _ in buffers])
-        ctx = torch.enable_grad() if train else torch.no_grad()
-        with ctx, autocast_context(self.cfg.train.dtype, torch.device("cpu")):
-            out = experts_on_rows(experts, torch.cat(xs), local_ids, torch.cat(ws))
+        local_ids = torch.cat([b.local_ids.to(self.device) for b in buffers])
+        x, w = torch.cat(xs), torch.cat(ws)
+        if not self.train_mode:  # serving: the experts are in the serving dtype already
+            with torch.inference_mode():
+                out = experts(x, local_ids, w, partial=True)
+        else:
+            with torch.set_grad_enabled(train), autocast_context(self.cfg.train.dtype, self.device):
+                out = experts(x, local_ids, w, partial=True)
         if train:
             self.graphs[(layer, key)] = (xs, ws, out)
             self.ran.add(layer)
             self.tokens += int((local_ids >= 0).sum())
             self.rows += sum(sizes)
-        self.compute_s += time.perf_counter() - t0
+        if self.train_mode:
+            self.compute_s += time.perf_counter() - t0
         return _returns(list(out.detach().split(sizes)))
 
     def backward(self, layer: int, key: Any, *grads: torch.Tensor) -> Any:
-        """Given each replica's gradient of its outputs, return each its (rows, gate weights) gradients."""
+        """Given each replica's gradient of its outputs, return each its :class:`ExpertGrads`."""
         t0 = time.perf_counter()
         xs, ws, out = self.graphs.pop((layer, key))
         if out.requires_grad and out.numel():
-            torch.autograd.backward([out], [torch.cat(grads).to(out.dtype)])
+            torch.autograd.backward([out], [torch.cat([g.to(self.device) for g in grads]).to(out.dtype)])
         result = [
-            (
-                x.grad if x.grad is not None else torch.zeros_like(x),
-                w.grad if w.grad is not None else torch.zeros_like(w),
-            )
+            ExpertGrads(x.grad if x.grad is not None else torch.zeros_like(x),
+                        w.grad if w.grad is not None else torch.zeros_like(w))
             for x, w in zip(xs, ws)
-        ]
+        ]  # fmt: skip
         self.compute_s += time.perf_counter() - t0
         return _returns(result)
 
@@ -128,13 +147,8 @@ class ExpertShard:
                     p.grad = torch.zeros_like(p)
         grads = [p.grad for _, p in self.params if p.grad is not None]
         sumsq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)) if grads else 0.0
-        return {
-            "sumsq": sumsq,
-            "tokens": self.tokens,
-            "rows": self.rows,
-            "compute_s": self.compute_s,
-            "in_flight": len(self.graphs),
-        }
+        return {"sumsq": sumsq, "tokens": self.tokens, "rows": self.rows, "compute_s": self.compute_s,
+                "in_flight": len(self.graphs)}  # fmt: skip
 
     def apply_step(self, lr: float, clip_coef: float, biases: Any = None) -> None:
         t0 = time.perf_counter()
@@ -147,40 +161,24 @@ class ExpertShard:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every expert's weights and AdamW state, one tensor per expert (global ids)."""
         stacked = {name: p.detach() for name, p in self.params}
-        stacked.update(optimizer_state_tensors(self.params, self.optimizer))
-        ids = {f"{self.names[layer]}.{proj}": self.expert_ids[layer]
-               for layer in self.placement.moe_layers for proj in ("gate_up_proj", "down_proj")}  # fmt: skip
-        return split_experts(stacked, ids)
+        if self.train_mode:
+            stacked.update(optimizer_state_tensors(self.params, self.optimizer))
+        return split_experts(stacked, self.expert_ids)
 
-    def save(self, directory: str, filename: str) -> tuple[str, list[str]]:
-        return filename, write_file(directory, filename, self.state_tensors())
+    def save(self, directory: str) -> tuple[str, list[str]]:
+        return write_part(directory, experts_file(self.shard), self.state_tensors())
 
     def load(self, path: str) -> None:
-        """Take this shard's experts (and their AdamW state) from a checkpoint of any layout."""
-        from raymoe.platform.checkpoint.training import read_training_tensors
-
-        wanted = []
-        for name, _ in self.params:
-            layer = next(layer for layer in self.expert_ids if name.startswith(self.names[layer] + "."))
-            for e in self.expert_ids[layer]:
-                one = expert_name(name, e)
-                wanted.append(one)
-                wanted += [f"{OPTIMIZER_PREFIX}{one}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")]
-        tensors = read_training_tensors(path, wanted, self.cfg.model, optional=lambda n: n.startswith(OPTIMIZER_PREFIX))
-        optim = {}
-        with torch.no_grad():
-            for name, p in self.params:
-                layer = next(layer for layer in self.expert_ids if name.startswith(self.names[layer] + "."))
-                ids = self.expert_ids[layer]
-                p.copy_(torch.stack([tensors[expert_name(name, e)] for e in ids]))
-                for kind in ("exp_avg", "exp_avg_sq"):
-                    keys = [f"{OPTIMIZER_PREFIX}{expert_name(name, e)}.{kind}" for e in ids]
-                    if all(k in tensors for k in keys):
-                        optim[f"{OPTIMIZER_PREFIX}{name}.{kind}"] = torch.stack([tensors[k] for k in keys])
-                step_key = f"{OPTIMIZER_PREFIX}{expert_name(name, ids[0])}.step" if ids else None
-                if step_key in tensors and f"{OPTIMIZER_PREFIX}{name}.exp_avg" in optim:
-                    optim[f"{OPTIMIZER_PREFIX}{name}.step"] = tensors[step_key]
-        load_optimizer_state(self.params, self.optimizer, optim)
+        """Take this shard's experts (and their AdamW state) from a training checkpoint of any layout."""
+        reader = open_checkpoint(path)
+        optim = {f"{OPTIMIZER_PREFIX}{n}.{k}": (torch.zeros(()) if k == "step" else torch.empty_like(p.data))
+                 for n, p in self.params for k in ("exp_avg", "exp_avg_sq", "step")}  # fmt: skip
+        try:
+            absent = load_into({**dict(self.params), **optim}, reader, self.expert_ids,
+                               optional=lambda n: n.startswith(OPTIMIZER_PREFIX))  # fmt: skip
+        except ValueError as exc:
+            raise GraphError(f"expert shard {self.shard} cannot load {path}: {exc}") from exc
+        load_optimizer_state(self.params, self.optimizer, {k: v for k, v in optim.items() if k not in absent})
 
 
 def _returns(values: list) -> Any:

@@ -1,43 +1,69 @@
-"""``AttentionStage``: the non-expert part of a contiguous range of layers, one replica of it.
+"""``Stage``: the non-expert part of a contiguous range of layers, one replica of it, training or serving.
 
-A stage runs its layers for one micro-batch at a time, cut at every MoE layer: it computes
-attention and routing, hands the driver one dispatch buffer per expert shard (each token row
-once per shard, with the experts it chose there), and when the shards' outputs come back it
-combines them with the shared experts and goes on to the next MoE layer. The forward of one
-micro-batch is a Python generator paused at each dispatch; its autograd graph is cut into
-segments at the same points, so the backward walks the segments in reverse, sending the
-gradients of the shard outputs and receiving those of the dispatched rows and gate weights.
+A stage runs the model's one forward (:mod:`raymoe.platform.model.forward`) over its layers. The
+program pauses at every MoE layer; the stage then hands the driver one
+:class:`~raymoe.actors.messages.DispatchBuffer` per expert shard (each token row once per shard,
+with the experts it chose there) and, when the shards' outputs come back, resumes the program
+with their combined sum. A colocated stage (``dp = pp = ep = 1``) holds the routed experts too and
+answers the program itself: the whole model in one actor, no transfers.
 
-The model math is ``raymoe.platform.model``'s; this file only cuts it and keeps the state.
-Every method returns plain tensors and dicts, so the class also runs without Ray (tests do).
+- **Training mode**: the stage holds AdamW state. The forward of a micro-batch keeps its autograd
+  graph cut into segments at every MoE layer's output (the program's ``cut`` hook), so the
+  backward walks the segments in reverse, sending the gradients of the shard outputs and
+  receiving those of the dispatched rows and gate weights.
+- **Inference mode** (serving): the stage holds the paged latent cache of its own layers; each
+  engine step is one program over a :class:`~raymoe.platform.inference.batch.StepBatch`.
+
+The stage loads its own share of a checkpoint (any layout, any location), tensor by tensor. Every
+method returns plain tensors and typed objects, so the class also runs without Ray (tests do).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from raymoe.actors.messages import DispatchBuffer, InferInput, StageOutput, TrainInput
 from raymoe.actors.placement import Placement
-from raymoe.platform.checkpoint.sharded import (
-    OPTIMIZER_PREFIX,
-    load_optimizer_state,
-    optimizer_state_tensors,
-    write_file,
-)
+from raymoe.actors.runtime import GraphError, free_port, set_threads
+from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, split_experts, stage_file
+from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
+from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
-from raymoe.platform.model.moe import MoE, compute_dtype, dispatch_rows, sequence_balance_loss
-from raymoe.platform.model.transformer import IGNORE_INDEX, Block, StageModel, mtp_input_tokens, mtp_targets
+from raymoe.platform.inference.cache import BlockCache
+from raymoe.platform.model.attention import CausalAttention
+from raymoe.platform.model.forward import (
+    IGNORE_INDEX,
+    ExpertCall,
+    Hooks,
+    head,
+    local_experts,
+    loss_program,
+    main_program,
+    mtp_embeddings,
+    mtp_program,
+)
+from raymoe.platform.model.moe import combine_rows, compute_dtype, dispatch_rows
+from raymoe.platform.model.transformer import DeepseekV3
+from raymoe.platform.train.balance import LoadCounter
 from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
-Buffer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows x [n, D], local expert ids [n, K], weights [n, K])
+
+@dataclass
+class ServingSpec:
+    """What an actor needs in inference mode: where the weights are, their dtype, the cache pool, the device."""
+
+    checkpoint: str
+    dtype: torch.dtype = torch.bfloat16
+    num_blocks: int = 0
+    block_size: int = 16
+    device: str = "cpu"
 
 
 @dataclass
@@ -45,8 +71,8 @@ class _Segment:
     """A piece of one micro-batch's graph between two cuts.
 
     ``leaf`` is its input (the previous piece's output, detached), ``losses`` the scaled loss
-    terms computed in it, ``out`` the tensor the next piece continues from, and ``sent`` the
-    (rows, gate weights) it dispatched to each shard at its end, still in the graph."""
+    terms computed in it, ``out`` the tensor the next piece continues from, and ``rows``/``sent``
+    the rows and (rows, gate weights) it dispatched to each shard at its end, still in the graph."""
 
     leaf: torch.Tensor | None
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -57,49 +83,50 @@ class _Segment:
 
 @dataclass
 class _Flight:
-    """One micro-batch in flight on this stage."""
+    """One program (a training micro-batch, or a serving step) in flight on this stage."""
 
     train: bool
     scale: float
     segments: list[_Segment]
-    gen: Generator | None = None
+    program: Generator | None = None
+    pending: tuple[ExpertCall, list[torch.Tensor]] | None = None
     mtp_leaf: torch.Tensor | None = None
     next_grad: torch.Tensor | None = None  # gradient of the pending dispatch's combined output
 
 
-class GraphError(RuntimeError):
-    """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
+class _FlightHooks(Hooks):
+    """The program's cut points, seen by the stage: loads counted, balance losses and graph cuts per segment."""
+
+    def __init__(self, stage: Stage, fl: _Flight) -> None:
+        self.stage, self.fl = stage, fl
+
+    def route(self, layer, idx, weights, scores):  # noqa: ANN001, ANN201
+        counter = self.stage.loads if self.fl.train else self.stage.eval_loads
+        counter.route(layer, idx, weights, scores)
+
+    def aux_loss(self, loss: torch.Tensor) -> None:
+        if self.fl.train:
+            self.fl.segments[-1].losses.append(loss * self.fl.scale)
+            self.stage.aux_sum += loss.item()
+
+    def loss_term(self, loss: torch.Tensor, weight: float) -> None:
+        if self.fl.train:  # a root of the segment it was computed in
+            self.fl.segments[-1].losses.append(loss * (weight * self.fl.scale))
+
+    def cut(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.fl.train or self.stage.colocated:
+            return h
+        seg = self.fl.segments[-1]
+        seg.out = h
+        leaf = h.detach().requires_grad_()
+        self.fl.segments.append(_Segment(leaf=leaf))
+        return leaf
 
 
-def set_threads(num_cpus: float = 0.0, peers: int = 1) -> int:
-    """Torch threads of an actor: ``RAYMOE_ACTOR_THREADS``, else its CPU reservation, else its share of the cores.
-
-    Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the default here), which runs
-    a colocated graph's matrix products on one core (measured on 2 cores: the whole model at
-    half the local engine's speed). Giving every actor all cores is worse where actors compute
-    at the same time: two expert shards with 2 OpenMP threads each on 2 cores took 5× longer
-    than with 1 thread each (1.5 s against 0.3 s of a `small` step). So an actor takes the
-    cores divided by ``peers``, the actors of its kind that run at once (replicas, shards)."""
-    threads = os.environ.get("RAYMOE_ACTOR_THREADS")
-    if threads:
-        n = int(threads)
-    elif num_cpus >= 1:
-        n = int(num_cpus)
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = cores // max(peers, 1)
-    torch.set_num_threads(max(n, 1))
-    return torch.get_num_threads()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-class _Collective:
+class Collective:
     """Gradient all-reduce among the replicas of one stage (torch.distributed: gloo on CPU, NCCL on GPU)."""
+
+    world = 1
 
     def setup(self, address: str, port: int, world: int, rank: int, timeout_s: float) -> None:
         import datetime
@@ -108,14 +135,11 @@ class _Collective:
 
         if address in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend,
-            init_method=f"tcp://{address}:{port}",
-            world_size=world,
-            rank=rank,
+            backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=rank,
             timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        )  # fmt: skip
         self.world = world
 
     def node_address(self) -> tuple[str, int]:
@@ -138,217 +162,214 @@ class _Collective:
             offset += g.numel()
 
 
-class AttentionStage(_Collective):
+class Stage(Collective):
     """Replica ``replica`` of stage ``stage``: its layers' attention, norms, dense MLPs, gates and shared experts.
 
     Args:
-        cfg: the run's config.
+        cfg: the run's config (serving: the checkpoint's model with default training fields).
         placement: where every layer and expert lives.
         replica, stage: this actor's place in the dp × pp grid.
+        colocated: the stage is the whole model with its routed experts (dp = pp = ep = 1).
+        serving: inference mode (the weights, dtype, cache pool and device); None: training mode.
     """
 
-    def __init__(self, cfg: RaymoeConfig, placement: Placement, replica: int, stage: int) -> None:
-        set_threads(cfg.parallel.num_cpus_per_actor, peers=cfg.parallel.dp)
-        self.cfg = cfg
-        self.placement = placement
-        self.replica, self.stage = replica, stage
+    def __init__(
+        self,
+        cfg: RaymoeConfig,
+        placement: Placement,
+        replica: int,
+        stage: int,
+        colocated: bool = False,
+        serving: ServingSpec | None = None,
+    ) -> None:
+        self.train_mode = serving is None
+        peers = cfg.parallel.dp if self.train_mode else 1  # serving stages take turns: each may use every core
+        set_threads(cfg.parallel.num_cpus_per_actor if self.train_mode else 0.0, peers=peers)
+        self.cfg, self.placement = cfg, placement
+        self.replica, self.stage, self.colocated = replica, stage, colocated
+        self.ep = 0 if colocated else placement.ep
         start, end = placement.stage_bounds[stage]
-        self.first, self.last = stage == 0, stage == placement.pp - 1
-        self.module = StageModel(cfg.model, start, end, self.first, self.last, cfg.train.seq_aux_alpha)
-        self.module.init_weights(cfg.train.seed)
-        self.module.train()
-        self.params = [(n, p) for n, p in self.module.named_parameters()]
-        self.optimizer = build_optimizer(self.params, cfg.train)
-        self.ep = placement.ep
-        self.world = 1
-        self.moe: dict[int, MoE] = {}
-        self.routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for block in self.module.blocks():
-            if isinstance(block.mlp, MoE):
-                layer = block.self_attn.layer_id
-                self.moe[layer] = block.mlp
-                self.routing[layer] = placement.routing(layer)
+        self.first, self.last = start == 0, end == cfg.model.num_hidden_layers
+        self.device = torch.device(serving.device if serving is not None else "cpu")
+        dtype = serving.dtype if serving is not None else None
+        self.part = DeepseekV3.empty(cfg.model, cfg.train.seq_aux_alpha, (start, end), routed_experts=colocated,
+                                     device=self.device, dtype=dtype)  # fmt: skip
+        source = serving.checkpoint if serving is not None else cfg.train.init_from
+        if source:
+            load_into(dict(self.part.state_dict()), open_checkpoint(source))
+        else:
+            self.part.init_weights(cfg.train.seed)
+        self.params = list(self.part.named_parameters())
+        self.routing = {layer: placement.routing(layer) for layer in self.part.moe_by_layer()} if not colocated else {}
+        self.experts = local_experts(self.part) if colocated else None
         self.flights: dict[Any, _Flight] = {}
         self.mtp_graphs: dict[Any, torch.Tensor] = {}
-        self._reset_step()
-        self._reset_eval()
+        self.compute_s = 0.0
+        if self.train_mode:
+            self.part.train()
+            self.optimizer = build_optimizer(self.params, cfg.train)
+            self._reset_step()
+            self._reset_eval()
+        else:
+            self.part.eval()
+            layers = [b.layer_id for b in self.part.blocks()]
+            width = cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim
+            self.cache = BlockCache(layers, serving.num_blocks, serving.block_size, width, serving.dtype, self.device)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for _, p in self.params)
+
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "params": sum(p.numel() for _, p in self.params), "moe_layers": sorted(self.moe)}
+        moe = sorted(self.part.moe_by_layer())
+        return {"pid": os.getpid(), "params": sum(p.numel() for _, p in self.params), "param_bytes": self.param_bytes,
+                "layers": [b.layer_id for b in self.part.blocks()], "moe_layers": moe}  # fmt: skip
 
     def _reset_step(self) -> None:
         E = self.cfg.model.n_routed_experts
-        self.loads = {layer: torch.zeros(E) for layer in self.moe}
+        self.loads = LoadCounter(sorted(self.part.moe_by_layer()), E)
         self.stats: list[dict] = []
         self.aux_sum = 0.0
         self.compute_s = 0.0
 
     def _reset_eval(self) -> None:
         E = self.cfg.model.n_routed_experts
-        self.eval_loads = {layer: torch.zeros(E) for layer in self.moe}
+        main = [layer for layer in sorted(self.part.moe_by_layer()) if layer < self.cfg.model.num_hidden_layers]
+        self.eval_loads = LoadCounter(main, E)
         self.eval_loss_sum = 0.0
         self.eval_tokens = 0
 
     def _timed(self, fn, *args, autocast: bool = True):  # noqa: ANN001, ANN202
-        """Run ``fn`` (under bf16 autocast when configured and ``autocast``), adding its time to compute_s."""
+        """Run ``fn`` (under bf16 autocast when training in bf16 and ``autocast``), adding its time to compute_s."""
         t0 = time.perf_counter()
         try:
-            if not autocast:
+            if not (autocast and self.train_mode):
                 return fn(*args)
-            with autocast_context(self.cfg.train.dtype, torch.device("cpu")):
+            with autocast_context(self.cfg.train.dtype, self.device):
                 return fn(*args)
         finally:
             self.compute_s += time.perf_counter() - t0
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward_begin(
-        self,
-        key: Any,
-        batch: tuple[torch.Tensor, torch.Tensor],
-        h_in: torch.Tensor | None = None,
-        mtp_emb: torch.Tensor | None = None,
-        scale: float = 1.0,
-        train: bool = True,
+    def begin(
+        self, key: Any, inputs: TrainInput | InferInput, prev: StageOutput | None = None, emb: Any = None
     ) -> list:
-        """Start micro-batch ``key``: run up to the first MoE dispatch (or to the end of the stage).
+        """Start program ``key`` and run it to the first MoE dispatch (or to its end).
 
-        Returns ep + 2 values: the ep dispatch buffers (None when the stage finished), then the
-        stage's output (hidden states for the next stage; None on the last) and None."""
-        leaf = None
-        if h_in is not None and train:
-            leaf = h_in.requires_grad_()
-            h_in = leaf
-        mtp_leaf = mtp_emb.requires_grad_() if (mtp_emb is not None and train) else mtp_emb
-        fl = _Flight(train=train, scale=scale, segments=[_Segment(leaf=leaf)] if train else [], mtp_leaf=mtp_leaf)
-        fl.gen = self._program(fl, batch[0], batch[1], h_in, mtp_leaf)
+        ``prev`` is the previous stage's output (the main model's hidden rows for the MTP draft);
+        ``emb`` the MTP embeddings made on the first stage when it is not this one. Returns ep + 1
+        values: a DispatchBuffer per shard (None when finished), then the StageOutput (None until then)."""
+        hidden = prev.hidden if prev is not None else None
+        if isinstance(inputs, InferInput):
+            fl = _Flight(train=False, scale=1.0, segments=[])
+            fl.program = self._serve_program(inputs, hidden, emb)
+        else:
+            train = inputs.train
+            leaf = None
+            if hidden is not None and train:
+                leaf = hidden.requires_grad_()
+                hidden = leaf
+            mtp_leaf = emb.requires_grad_() if (emb is not None and train) else emb
+            fl = _Flight(train=train, scale=inputs.scale, segments=[_Segment(leaf=leaf)] if train else [],
+                         mtp_leaf=mtp_leaf)  # fmt: skip
+            fl.program = self._train_program(fl, inputs, hidden, mtp_leaf)
         self.flights[key] = fl
         return self._timed(self._advance, key, fl, None)
 
-    def forward_resume(self, key: Any, *shard_outputs: torch.Tensor) -> list:
+    def resume(self, key: Any, *shard_outputs: torch.Tensor) -> list:
         """Combine the shards' outputs for the pending MoE layer and run on to the next dispatch."""
         fl = self.flights[key]
-        return self._timed(self._advance, key, fl, list(shard_outputs))
+        call, rows = fl.pending
+        y = combine_rows(rows, [o.to(self.device) for o in shard_outputs], call.x)
+        return self._timed(self._advance, key, fl, y)
 
-    def _advance(self, key: Any, fl: _Flight, outs: list | None) -> list:
-        grad_ctx = torch.enable_grad() if fl.train else torch.no_grad()
-        with grad_ctx:
-            try:
-                bufs = fl.gen.send(outs) if outs is not None else next(fl.gen)
-            except StopIteration as stop:
-                fl.gen = None
-                if not fl.train:
-                    del self.flights[key]
-                return [None] * self.ep + [stop.value, None]
-        return [*bufs, None, None]
+    def _advance(self, key: Any, fl: _Flight, answer: torch.Tensor | None) -> list:
+        mode = torch.enable_grad() if fl.train else torch.inference_mode() if not self.train_mode else torch.no_grad()
+        with mode:
+            while True:
+                try:
+                    call = fl.program.send(answer)  # None starts the program
+                except StopIteration as stop:
+                    fl.program, fl.pending = None, None
+                    if not fl.train:
+                        del self.flights[key]
+                    return [None] * self.ep + [stop.value]
+                if self.experts is None:
+                    break
+                answer = self.experts(call)  # colocated: the stage's own experts
+            shards, local = self.routing[call.layer]
+            parts = dispatch_rows(call.idx, call.weights, shards.to(call.idx.device), local.to(call.idx.device),
+                                  self.ep)  # fmt: skip
+            seg = fl.segments[-1] if fl.train else None
+            send_dtype = compute_dtype(call.x)
+            buffers = []
+            for rows, local_ids, w in parts:
+                x_rows = call.x.index_select(0, rows)
+                if seg is not None:
+                    seg.rows.append(rows)
+                    seg.sent.append((x_rows, w))
+                buffers.append(DispatchBuffer(call.layer, x_rows.detach().to(send_dtype), local_ids, w.detach()))
+            fl.pending = (call, [rows for rows, _, _ in parts])
+            return [*buffers, None]
 
-    def _program(
-        self,
-        fl: _Flight,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        h_in: torch.Tensor | None,
-        mtp_emb: torch.Tensor | None,
-    ) -> Generator[list[Buffer], list[torch.Tensor], torch.Tensor | None]:
-        m = self.module
-        h = m.model.embed_tokens(input_ids) if self.first else h_in
-        S = input_ids.shape[1]
-        rope_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h.dtype
-        cos, sin = m.model.rotary_emb.cos[:S].to(rope_dtype), m.model.rotary_emb.sin[:S].to(rope_dtype)
-        for block in m.model.layers.values():
-            h = yield from self._block(fl, block, h, cos, sin)
+    def _train_program(
+        self, fl: _Flight, inputs: TrainInput, hidden: torch.Tensor | None, mtp_emb: torch.Tensor | None
+    ) -> Generator:
+        """A micro-batch through this stage's layers (and, on the last, the losses)."""
+        input_ids, labels = inputs.input_ids.to(self.device), inputs.labels.to(self.device)
+        B, S = input_ids.shape
+        ctx = CausalAttention.of(B, S, self.device)
+        hooks = _FlightHooks(self, fl)
+        tokens = input_ids.reshape(-1) if self.first else None
+        h = yield from main_program(self.part, ctx, tokens=tokens, hidden=hidden, hooks=hooks)
         if not self.last:
             if fl.train:
                 fl.segments[-1].out = h
-            return h.detach()
-        h = m.model.norm(h)
-        main = F.cross_entropy(m.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        tokens = int((labels != IGNORE_INDEX).sum())
+            return StageOutput(hidden=h.detach())
+        lam = self.cfg.train.mtp_lambda if fl.train else 0.0
+        main, mtp = yield from loss_program(self.part, h, labels, ctx, lam, mtp_emb, hooks)
+        tokens_n = int((labels != IGNORE_INDEX).sum())
         if not fl.train:
-            self.eval_loss_sum += main.item() * tokens
-            self.eval_tokens += tokens
-            return None
-        fl.segments[-1].losses.append(main * fl.scale)
-        stats = {"main": main.item(), "tokens": tokens, "mtp": None}
-        lam = self.cfg.train.mtp_lambda
-        if len(m.model.mtp) and lam > 0:
-            cos_m = m.model.rotary_emb.cos[:S].to(h.dtype)
-            sin_m = m.model.rotary_emb.sin[:S].to(h.dtype)
-            h_prev, losses = h, []
-            depth = len(m.model.mtp)
-            for k, module in enumerate(m.model.mtp.values(), start=1):
-                emb = mtp_emb[k - 1] if mtp_emb is not None else m.model.embed_tokens(mtp_input_tokens(labels, k))
-                h_k = module.combine(h_prev, emb)
-                h_k = yield from self._block(fl, module, h_k, cos_m, sin_m)
-                logits = m.lm_head(module.shared_head.norm(h_k)).float()
-                loss_k = F.cross_entropy(
-                    logits.flatten(0, 1), mtp_targets(labels, k).flatten(), ignore_index=IGNORE_INDEX
-                )
-                fl.segments[-1].losses.append(loss_k * (lam / depth * fl.scale))
-                losses.append(loss_k.item())
-                h_prev = h_k
-            stats["mtp"] = sum(losses) / len(losses)
-        self.stats.append(stats)
-        return None
+            self.eval_loss_sum += main.item() * tokens_n
+            self.eval_tokens += tokens_n
+            return StageOutput()
+        mtp_mean = sum(m.item() for m in mtp) / len(mtp) if mtp else None
+        self.stats.append({"main": main.item(), "tokens": tokens_n, "mtp": mtp_mean})
+        return StageOutput()
 
-    def _block(
-        self, fl: _Flight, block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> Generator[list[Buffer], list[torch.Tensor], torch.Tensor]:
-        """One decoder layer (or an MTP module's block); a MoE layer pauses for its experts."""
-        if not isinstance(block.mlp, MoE):
-            out, _ = block(h, cos, sin)
-            return out
-        h_mid = h + block.self_attn(block.input_layernorm(h), cos, sin)
-        x = block.post_attention_layernorm(h_mid)
-        moe, layer = block.mlp, block.self_attn.layer_id
-        B, S, D = x.shape
-        flat = x.reshape(-1, D)
-        weights, idx, scores = moe.gate(flat)
-        counts = torch.bincount(idx.reshape(-1), minlength=moe.n_experts).float()
-        (self.loads if fl.train else self.eval_loads)[layer] += counts
-        if fl.train and moe.seq_aux_alpha > 0:
-            aux = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), moe.seq_aux_alpha)
-            fl.segments[-1].losses.append(aux * fl.scale)
-            self.aux_sum += aux.item()
-        parts = dispatch_rows(idx, weights, *self.routing[layer], self.ep)
-        send_dtype = compute_dtype(flat)
-        seg = fl.segments[-1] if fl.train else None
-        bufs = []
-        for rows, local_ids, w in parts:
-            x_rows = flat.index_select(0, rows)
-            if seg is not None:
-                seg.rows.append(rows)
-                seg.sent.append((x_rows, w))
-            bufs.append((x_rows.detach().to(send_dtype), local_ids, w.detach()))
-        outs = yield bufs
-        y = torch.zeros_like(flat)
-        for (rows, _, _), out in zip(parts, outs):
-            y.index_add_(0, rows, out.to(flat.dtype))
-        y = y.view(B, S, D)
-        if moe.shared_experts is not None:
-            y = y + moe.shared_experts(x)
-        h_out = h_mid + y
-        if seg is None:
-            return h_out
-        seg.out = h_out
-        leaf = h_out.detach().requires_grad_()
-        fl.segments.append(_Segment(leaf=leaf))
-        return leaf
+    def _serve_program(self, inputs: InferInput, hidden: torch.Tensor | None, emb: torch.Tensor | None) -> Generator:
+        """One serving step through this stage's layers over its paged cache."""
+        batch = inputs.batch if self.device.type == "cpu" else inputs.batch.to(self.device)
+        ctx = batch.attention(self.cache.flat, self.cache.layer_base)
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        if inputs.kind == "main":
+            tokens = batch.tokens if self.first else None
+            h = yield from main_program(self.part, ctx, tokens=tokens, hidden=hidden)
+            if not self.last:
+                return StageOutput(hidden=h)
+            logits = head(self.part, h.index_select(0, inputs.logit_rows.to(self.device)))
+            rows = inputs.hidden_rows
+            return StageOutput(hidden=h.index_select(0, rows.to(self.device)) if rows is not None else None,
+                               logits=logits)  # fmt: skip
+        module = self.part.mtp_modules()[0]
+        emb = emb.to(self.device) if emb is not None else self.part.model.embed_tokens(batch.tokens)
+        h = yield from mtp_program(module, self.part, hidden, emb, ctx)
+        return StageOutput(logits=head(self.part, h.index_select(0, inputs.logit_rows.to(self.device)),
+                                       module.shared_head.norm))  # fmt: skip
 
-    def mtp_embed(self, key: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """First stage, pp > 1: the embeddings of the tokens the MTP modules combine, [depth, B, S, D]."""
-        labels = batch[1]
+    @torch.inference_mode()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """First stage: the embeddings of ``tokens`` (the MTP draft's input when it sits on another stage)."""
+        return self.part.model.embed_tokens(tokens.to(self.device))
 
-        def run() -> torch.Tensor:
-            emb = self.module.model.embed_tokens
-            return torch.stack(
-                [emb(mtp_input_tokens(labels, k)) for k in range(1, self.cfg.model.num_nextn_predict_layers + 1)]
-            )
-
+    def mtp_embed(self, key: Any, inputs: TrainInput) -> torch.Tensor:
+        """First stage, pp > 1: the embeddings of the tokens the MTP modules combine, [depth, b*S, D]."""
         with torch.enable_grad():
-            out = self._timed(run)
+            out = self._timed(mtp_embeddings, self.part, inputs.labels.to(self.device))
         self.mtp_graphs[key] = out
         return out.detach()
 
@@ -357,29 +378,28 @@ class AttentionStage(_Collective):
         if grad is not None:
             self._timed(torch.autograd.backward, [out], [grad], autocast=False)
 
-    # -- backward -------------------------------------------------------------------------------
+    # -- backward (training) --------------------------------------------------------------------
 
     def backward_begin(self, key: Any, grad_out: torch.Tensor | None = None) -> list:
         """Backward of the last piece of micro-batch ``key`` (from its losses, or from the next stage's gradient)."""
         fl = self.flights[key]
         seg = fl.segments[-1]
-        roots = list(seg.losses)
-        grads = [torch.ones_like(t) for t in seg.losses]
+        roots, grads = list(seg.losses), [torch.ones_like(t) for t in seg.losses]
         if not self.last:
             roots.append(seg.out)
             grads.append(grad_out)
         return self._timed(self._backward, key, fl, roots, grads, autocast=False)
 
-    def backward_resume(self, key: Any, *shard_grads: tuple[torch.Tensor, torch.Tensor]) -> list:
-        """Backward of the piece that ends at the pending dispatch, given the shards' gradients of its rows."""
+    def backward_resume(self, key: Any, *shard_grads: Any) -> list:
+        """Backward of the piece that ends at the pending dispatch, given the shards' ExpertGrads of its rows."""
         fl = self.flights[key]
         seg = fl.segments[-1]
         roots, grads = list(seg.losses), [torch.ones_like(t) for t in seg.losses]
         roots.append(seg.out)
         grads.append(fl.next_grad)
-        for (x_rows, w), (gx, gw) in zip(seg.sent, shard_grads):
+        for (x_rows, w), g in zip(seg.sent, shard_grads):
             roots += [x_rows, w]
-            grads += [gx.to(x_rows.dtype), gw.to(w.dtype)]
+            grads += [g.x.to(x_rows), g.weights.to(w)]
         return self._timed(self._backward, key, fl, roots, grads, autocast=False)
 
     def _backward(self, key: Any, fl: _Flight, roots: list, grads: list) -> list:
@@ -390,14 +410,13 @@ class AttentionStage(_Collective):
         if fl.segments:  # hand the gradients of the previous dispatch's outputs to the shards
             g = seg.leaf.grad
             fl.next_grad = g
-            flat = g.reshape(-1, g.shape[-1])
-            return [flat.index_select(0, rows) for rows in fl.segments[-1].rows] + [None, None]
+            return [g.index_select(0, rows) for rows in fl.segments[-1].rows] + [None, None]
         del self.flights[key]
         grad_in = seg.leaf.grad if seg.leaf is not None else None
         grad_mtp = fl.mtp_leaf.grad if fl.mtp_leaf is not None and fl.mtp_leaf.requires_grad else None
         return [None] * self.ep + [grad_in, grad_mtp]
 
-    # -- the optimizer step ---------------------------------------------------------------------
+    # -- the optimizer step (training) ----------------------------------------------------------
 
     def finish(self) -> dict:
         """After the step's backward: reduce gradients across replicas; report what the driver needs.
@@ -414,15 +433,9 @@ class AttentionStage(_Collective):
             if grads:
                 sumsq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads))
         self.compute_s += time.perf_counter() - t0
-        out = {
-            "sumsq": sumsq,
-            "loads": {layer: c.clone() for layer, c in self.loads.items()},
-            "stats": list(self.stats),
-            "aux": self.aux_sum,
-            "compute_s": self.compute_s,
-            "in_flight": len(self.flights),
-        }
-        return out
+        return {"sumsq": sumsq, "loads": self.loads.loads(), "layers": sorted(self.loads.index),
+                "stats": list(self.stats), "aux": self.aux_sum, "compute_s": self.compute_s,
+                "in_flight": len(self.flights)}  # fmt: skip
 
     def apply_step(self, lr: float, clip_coef: float, biases: dict[int, torch.Tensor]) -> None:
         """Clip by the global coefficient, step AdamW at ``lr``, set the gates' new biases."""
@@ -434,39 +447,45 @@ class AttentionStage(_Collective):
 
     @torch.no_grad()
     def set_biases(self, biases: dict[int, torch.Tensor]) -> None:
+        moe = self.part.moe_by_layer()
         for layer, b in biases.items():
-            if layer in self.moe:
-                self.moe[layer].gate.e_score_correction_bias.copy_(b)
+            if layer in moe:
+                moe[layer].gate.e_score_correction_bias.copy_(b)
+
+    def biases(self) -> dict[int, torch.Tensor]:
+        """The gates' biases by MoE layer."""
+        return {layer: m.gate.e_score_correction_bias.detach().float().cpu()
+                for layer, m in self.part.moe_by_layer().items()}  # fmt: skip
 
     def eval_result(self) -> dict:
         """Loss sum, token count and loads of the evaluation since the last call."""
-        out = {"loss_sum": self.eval_loss_sum, "tokens": self.eval_tokens, "loads": dict(self.eval_loads)}
+        out = {"loss_sum": self.eval_loss_sum, "tokens": self.eval_tokens, "loads": self.eval_loads.loads(),
+               "layers": sorted(self.eval_loads.index)}  # fmt: skip
         self._reset_eval()
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Parameters, gate biases and AdamW state, by their full-model names."""
-        out = {k: v for k, v in self.module.state_dict().items()}
-        out.update(optimizer_state_tensors(self.params, self.optimizer))
-        return out
+        """Parameters, gate biases and AdamW state, by their full-model names (routed experts one by one)."""
+        out = dict(self.part.state_dict())
+        if self.train_mode:
+            out.update(optimizer_state_tensors(self.params, self.optimizer))
+        return split_experts(out)
 
-    def save(self, directory: str, filename: str) -> tuple[str, list[str]]:
-        """Write this stage's tensors into ``directory/filename`` (replica 0 only; the replicas are equal)."""
-        return filename, write_file(directory, filename, self.state_tensors())
+    def save(self, directory: str) -> tuple[str, list[str]]:
+        """Write this stage's tensors into ``directory`` (replica 0 only; the replicas are equal)."""
+        filename = COLOCATED_FILE if self.colocated else stage_file(self.stage)
+        return write_part(directory, filename, self.state_tensors())
 
     def load(self, path: str) -> None:
-        """Restore parameters, biases and optimizer state from a checkpoint of any layout."""
-        from raymoe.platform.checkpoint.training import read_training_tensors
-
-        state_names = list(self.module.state_dict())
-        wanted = state_names + [
-            f"{OPTIMIZER_PREFIX}{n}.{k}" for n, _ in self.params for k in ("exp_avg", "exp_avg_sq", "step")
-        ]
-        tensors = read_training_tensors(path, wanted, self.cfg.model, optional=lambda n: n.startswith(OPTIMIZER_PREFIX))
-        missing = [n for n in state_names if n not in tensors]
-        if missing:
-            raise GraphError(f"checkpoint {path} lacks {missing[0]} (stage {self.stage})")
-        self.module.load_state_dict({n: tensors[n] for n in state_names}, strict=True)
-        load_optimizer_state(self.params, self.optimizer, tensors)
+        """Restore parameters, biases and optimizer state from a training checkpoint of any layout."""
+        reader = open_checkpoint(path)
+        optim = {f"{OPTIMIZER_PREFIX}{n}.{k}": (torch.zeros(()) if k == "step" else torch.empty_like(p.data))
+                 for n, p in self.params for k in ("exp_avg", "exp_avg_sq", "step")}  # fmt: skip
+        try:
+            absent = load_into({**dict(self.part.state_dict()), **optim}, reader,
+                               optional=lambda n: n.startswith(OPTIMIZER_PREFIX))  # fmt: skip
+        except ValueError as exc:
+            raise GraphError(f"stage {self.stage} cannot load {path}: {exc}") from exc
+        load_optimizer_state(self.params, self.optimizer, {k: v for k, v in optim.items() if k not in absent})

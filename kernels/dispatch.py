@@ -56,6 +56,8 @@ def triton_installed() -> bool:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` runs the Triton kernel under the current switch."""
+    if torch.compiler.is_compiling():  # a compiled graph takes the torch paths (inductor fuses them); no graph break
+        return False
     mode = kernel_mode()
     if mode == "torch":
         return False

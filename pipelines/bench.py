@@ -4,7 +4,7 @@
     raymoe bench model --json --out bench.json  # the report as JSON too (the last line of stdout)
     raymoe bench model --quick                  # seconds: tiny preset, ours vs transformers eager, fp32
     raymoe bench model --impls ours,grouped_mm --dtypes bf16 train.batch_size=4
-    raymoe bench graph                          # the local engine against the actor graph at 4 layouts
+    raymoe bench graph                          # the local trainer against the actor graph at 4 layouts
     raymoe bench graph --json --dtype bf16 --steps 5
 
 ``raymoe bench model`` is :mod:`raymoe.pipelines.benchmarks.model_bench`, ``raymoe bench graph``
@@ -224,17 +224,17 @@ def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
     layouts = " ".join(",".join(map(str, layout)) for layout in defaults.layouts)
     parser = benchmarks.add_parser(
         "graph",
-        help="the training step of the local engine against the actor graph at several (dp,pp,ep)",
+        help="the training step of the local trainer against the actor graph at several (dp,pp,ep)",
         description=(
-            "Train the same random batch with the local engine and with the actor graph at each (dp,pp,ep) "
+            "Train the same random batch with the local trainer and with the actor graph at each (dp,pp,ep) "
             "layout, one after another in one Ray session; print each one's median step time, its ratio to "
-            "the local engine, tokens/s and the step split into compute and transfer+wait."
+            "the local trainer, tokens/s and the step split into compute and transfer+wait."
         ),
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=4")
     parser.add_argument("--preset", help=f"preset or .yaml (default {defaults.preset})")
     parser.add_argument("--layouts", help=f"space- or ;-separated dp,pp,ep triples (default {layouts!r})")
-    parser.add_argument("--no-local", action="store_true", help="skip the local engine (no ratios then)")
+    parser.add_argument("--no-local", action="store_true", help="skip the local trainer (no ratios then)")
     parser.add_argument("--dtype", help="fp32 or bf16 (default: the preset's train.dtype)")
     parser.add_argument(
         "--micro-batches",
@@ -311,7 +311,7 @@ def _register_recovery(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("preset", nargs="?", default="small", help="preset (default small)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides")
     parser.add_argument("--kill-after", type=int, default=12, help="SIGKILL the actor after this step (default 12)")
-    parser.add_argument("--victim", default="ExpertShard(1)", help="the actor to kill (default 'ExpertShard(1)')")
+    parser.add_argument("--victim", default="Shard(1)", help="the actor to kill (default 'Shard(1)')")
     parser.add_argument("--data", help="prepared data (default: the stdlib corpus, prepared on first use)")
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
 

@@ -22,16 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="outputs/demo", help="checkpoints go here (default outputs/demo)")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of the sample")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--engine", choices=["graph", "local"], default="graph", help="training engine (default graph)")
+    p.add_argument("--trainer", choices=["graph", "local"], default="graph", help="the trainer (default graph)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the sample (0 = greedy)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
-
+    from raymoe.actors.trainers import build_trainer
     from raymoe.pipelines.pretrain import default_data_dir, ensure_default_data
-    from raymoe.platform.checkpoint.training import load_training_model
-    from raymoe.platform.generate import generate
+    from raymoe.platform.checkpoint.reader import load_model
+    from raymoe.platform.inference.engine import generate
+    from raymoe.platform.inference.loading import open_served
     from raymoe.platform.tracking import resolve_tracking_uri
     from raymoe.platform.train.loop import pretrain
 
@@ -48,17 +49,24 @@ def _main(args: argparse.Namespace) -> int:
     stale = output / "checkpoints"
     if stale.is_dir():  # the demo starts afresh: an earlier demo's checkpoints would mislead --resume
         shutil.rmtree(stale)
-    result = pretrain(cfg, data_dir, output, run_name="demo", engine=args.engine)
+    result = pretrain(cfg, data_dir, output, run_name="demo",
+                      trainer=lambda: build_trainer(cfg, args.trainer, str(output)))  # fmt: skip
     print(
         f"trained {len(result.losses)} steps: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, validation "
         f"loss {result.val_loss:.3f}, MaxVio_global {result.max_vio_global:.3f}, {result.tokens_per_s:,.0f} tokens/s"
     )
-    model, ckpt = load_training_model(str(result.checkpoint))
-    tokenizer = Tokenizer.from_file(str(Path(ckpt) / "tokenizer.json"))
-    prompt_ids = tokenizer.encode(args.prompt).ids
-    new_ids = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=0.0)[0]
-    print("\nraymoe demo: 3. a greedy sample from the checkpoint\n--- sample ---")
-    print(args.prompt + tokenizer.decode(new_ids))
+    served = open_served(str(result.checkpoint))
+    model = load_model(served.reader)
+    prompt_ids = served.tokenizer.encode(args.prompt).ids
+    new_ids = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=0.95, seed=0, eos_token_id=served.eos_token_id)[0]  # fmt: skip
+    how = "greedy" if args.temperature <= 0 else f"temperature {args.temperature:g}, top-p 0.95, seed 0"
+    print(f"\nraymoe demo: 3. a sample from the checkpoint ({how}; after {cfg.train.steps} steps on a CPU the model")
+    print(
+        "   has learned Python's look, not its meaning: expect plausible tokens, repeated phrases and no working code)"
+    )
+    print("--- sample ---")
+    print(args.prompt + served.tokenizer.decode(new_ids))
     print("--- end of sample ---\n")
     print(f"done in {time.perf_counter() - t0:.0f} s")
     print(f"checkpoint (one file per actor, with tokenizer.json): {result.checkpoint}")

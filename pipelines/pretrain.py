@@ -3,7 +3,7 @@
 raymoe prepare-data --out data/stdlib
 raymoe pretrain small --data data/stdlib --output outputs/run1 train.steps=200 train.checkpoint_every=50
 raymoe pretrain small --data data/stdlib --output outputs/run1 --resume
-raymoe pretrain small parallel.dp=1 parallel.pp=2 parallel.ep=2     # the actor graph (default engine)
+raymoe pretrain small parallel.dp=1 parallel.pp=2 parallel.ep=2     # the actor graph (the default trainer)
 python -m raymoe.pipelines.pretrain tiny --output /tmp/run            # the same, e.g. under `ray job submit`
 """
 
@@ -44,11 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model on prepared data (see prepare-data)")
     p.add_argument("preset", nargs="?", default="small", help="preset name or YAML path (default: small)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.n_routed_experts=16")
-    p.add_argument("--data", help="a directory written by `raymoe prepare-data` (default: the stdlib corpus, "
-                   "prepared into data/stdlib-<vocab>-<seq_len> on first use)")  # fmt: skip
-    p.add_argument("--output", default="outputs/pretrain", help="checkpoints go here (default outputs/pretrain)")
+    p.add_argument("--data", help="a directory (or URI) written by `raymoe prepare-data` (default: the stdlib "
+                   "corpus, prepared into data/stdlib-<vocab>-<seq_len> on first use)")  # fmt: skip
+    p.add_argument("--output", default="outputs/pretrain",
+                   help="checkpoints go here, a path or URI (default outputs/pretrain)")  # fmt: skip
     p.add_argument(
-        "--engine",
+        "--trainer",
         default="graph",
         choices=["graph", "local"],
         help="graph: the Ray actor graph of parallel.dp/pp/ep (default; a local Ray is started unless RAY_ADDRESS "
@@ -65,17 +66,18 @@ def default_data_dir(cfg: RaymoeConfig) -> Path:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from raymoe.actors.stage import GraphError
-    from raymoe.platform.checkpoint.hf import CheckpointError
+    from raymoe.actors.runtime import GraphError
+    from raymoe.actors.trainers import build_trainer
+    from raymoe.platform.checkpoint.layout import CheckpointError
     from raymoe.platform.data.shards import DataError
-    from raymoe.platform.train.checkpointing import ResumeError
+    from raymoe.platform.storage import StorageError
     from raymoe.platform.train.loop import pretrain
 
     cfg = load_config(args.preset, args.overrides)
     t0 = time.perf_counter()
     try:
         if args.data:
-            data_dir = Path(args.data)
+            data_dir = args.data  # a path or URI
         else:
             data_dir = ensure_default_data(default_data_dir(cfg), cfg, progress=not args.no_progress)
         result = pretrain(
@@ -85,9 +87,9 @@ def _main(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             run_name=args.run_name,
-            engine=args.engine,
+            trainer=lambda: build_trainer(cfg, args.trainer, str(args.output)),
         )
-    except (DataError, ResumeError, ConfigError, CheckpointError) as exc:
+    except (DataError, ConfigError, CheckpointError, StorageError) as exc:
         print(f"raymoe pretrain: {exc}", file=sys.stderr)
         return 2
     except GraphError as exc:

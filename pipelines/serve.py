@@ -6,7 +6,7 @@
 
 Both start :func:`build_app` (Serve's typed builder: its ``args`` are :class:`ServeArgs`). Each
 replica loads the checkpoint and runs one :class:`~raymoe.platform.inference.engine.Engine`
-(in the replica's process, or driving its own actor graph with ``engine: graph``), fed by every
+(with the model in the replica, or driving its own actor graph with ``runner: graph``), fed by every
 request the replica holds: continuous batching across HTTP requests.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -69,11 +70,13 @@ class ServeArgs(BaseModel):
     max_waiting: int = Field(1024, ge=1)
     speculative: bool = True
     max_tokens: int = Field(256, ge=1)
-    engine: Literal["local", "graph"] = "local"
+    runner: Literal["local", "graph"] = Field(
+        "local", description="where the model runs: this replica, or its actor graph"
+    )
     parallel: dict[str, int] = Field(default_factory=lambda: {"pp": 1, "ep": 1})
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
-    compile: bool = Field(False, description="torch.compile small decode steps (local engine; ~30-60 s at start)")
+    compile: bool = Field(False, description="torch.compile small decode steps (local runner; ~30-60 s at start)")
 
 
 fastapi_app = FastAPI(title="raymoe", description="OpenAI-compatible completions on a DeepSeek-V3-style MoE")
@@ -97,19 +100,27 @@ def _merge(a: Output, b: Output) -> Output:
                   b.prompt_tokens, b.completion_tokens, b.error)  # fmt: skip
 
 
-def _make_runner(args: ServeArgs, model: Any) -> Any:
+def _make_runner(args: ServeArgs, served: Any) -> Any:
+    """The replica's runner: the model loaded here (``local``), or an actor graph whose actors load it (``graph``)."""
+    import torch
+
     from raymoe.platform.inference.runner import LocalRunner, cache_blocks
 
     blocks = cache_blocks(args.cache_tokens, args.block_size)
-    if args.engine == "local" and args.compile:
+    dtype = getattr(torch, args.dtype)
+    if args.runner == "graph":  # the replica holds no weights: every actor loads its own share
+        from raymoe.actors.graph import GraphRunner
+
+        return GraphRunner(served.location, served.model_config, blocks, args.block_size,
+                           pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype)  # fmt: skip
+    from raymoe.platform.checkpoint.reader import load_model
+
+    model = load_model(served.reader, dtype=dtype)
+    if args.compile:
         from raymoe.platform.inference.compiled import CompiledLocalRunner
 
         return CompiledLocalRunner(model, blocks, args.block_size)
-    if args.engine == "local":
-        return LocalRunner(model, blocks, args.block_size)
-    from raymoe.actors.inference import GraphRunner
-
-    return GraphRunner(model, blocks, args.block_size, pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1))
+    return LocalRunner(model, blocks, args.block_size)
 
 
 @serve.deployment(name="RaymoeServer", **DEPLOYMENT_DEFAULTS)
@@ -121,15 +132,15 @@ class RaymoeServer:
         import torch
 
         from raymoe.platform.inference.engine import Engine, EngineConfig
-        from raymoe.platform.inference.loading import load_served_model
+        from raymoe.platform.inference.loading import open_served
 
         if args.threads:
             torch.set_num_threads(args.threads)
         self.args = args
         self.created = api.now()
-        self.served = load_served_model(args.checkpoint, getattr(torch, args.dtype))
+        self.served = open_served(args.checkpoint)
         tok = self.served.tokenizer
-        self.runner = _make_runner(args, self.served.model)
+        self.runner = _make_runner(args, self.served)
         self.engine = Engine(
             self.runner,
             EngineConfig(
@@ -144,7 +155,7 @@ class RaymoeServer:
             eos_token_id=self.served.eos_token_id,
         )
         self.engine.start()
-        logger.info("serving %s as '%s' (%s engine)", self.served.checkpoint, args.model_name, args.engine)
+        logger.info("serving %s as '%s' (%s runner)", self.served.location, args.model_name, args.runner)
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes Serve replace the replica."""
@@ -284,8 +295,7 @@ class RaymoeServer:
 
     @fastapi_app.get("/stats")
     async def stats(self) -> Any:
-        pids = getattr(self.runner, "actor_pids", {})
-        return {**self.engine.stats(), "pid": os.getpid(), "actor_pids": pids, "checkpoint": self.served.checkpoint}
+        return {**self.engine.stats(), **self.runner.stats(), "pid": os.getpid(), "checkpoint": self.served.location}
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -316,7 +326,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-name", default="raymoe", help="the model id clients name (default raymoe)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--engine", default="local", choices=["local", "graph"], help="one process, or the actor graph")
+    p.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "graph"],
+        help="local: the model in the replica; graph: an actor graph (--pp, --ep) that loads it",
+    )
+    p.add_argument("--pp", type=int, default=1, help="stages of the graph runner (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert shards of the graph runner (default 1)")
     p.add_argument("--replicas", type=int, help="a fixed number of replicas instead of autoscaling")
     p.add_argument("--no-speculative", action="store_true", help="no MTP speculative decoding")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: Ray's, from num_cpus)")
@@ -325,21 +342,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.actors.driver import ensure_ray
+    from raymoe.actors.runtime import ensure_ray
 
     serve_args = ServeArgs(
         checkpoint=os.path.abspath(args.checkpoint) if "://" not in args.checkpoint else args.checkpoint,
         model_name=args.model_name,
         api_key=args.api_key,
         dtype=args.dtype,
-        engine=args.engine,
+        runner=args.runner,
+        parallel={"pp": args.pp, "ep": args.ep},
         speculative=not args.no_speculative,
         threads=args.threads,
         compile=args.compile,
     )
-    from raymoe.platform.inference.loading import resolve_serving_checkpoint
+    from raymoe.platform.checkpoint.layout import CheckpointError
+    from raymoe.platform.inference.loading import open_served
 
-    resolve_serving_checkpoint(serve_args.checkpoint)  # a wrong path fails here, not in a replica
+    try:
+        open_served(serve_args.checkpoint)  # a wrong path fails here, in one line, not in a replica
+    except (CheckpointError, OSError) as exc:
+        print(f"raymoe serve: {exc}", file=sys.stderr)
+        return 2
     ensure_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     app = RaymoeServer.options(num_replicas=args.replicas) if args.replicas else RaymoeServer

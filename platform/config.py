@@ -119,6 +119,8 @@ class TrainConfig:
     bias_update_speed_final: float | None = None  # gamma at the last step (linear ramp); None = constant
     seq_aux_alpha: float = 0.0  # sequence-wise balance loss weight; 0 = off
     checkpoint_uri: str = ""  # where checkpoints go: a path or pyarrow URI (s3://...); default: the run's output
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
+    init_from: str = ""  # start from this checkpoint's weights (any layout, path or URI; step 0, fresh optimizer)
     dtype: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 matmuls, fp32 master weights)
     seed: int = 0
     log_every: int = 10
@@ -128,22 +130,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the tokenized corpus lives."""
+    """What the training loop records about its data (the data itself is ``--data``)."""
 
-    path: str | None = None
-    num_workers: int = 2
-    val_fraction: float = 0.01
     record_samples: bool = False  # write OUTPUT/samples.jsonl: the sample ids of every completed step
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """The Ray Serve application."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_size: int = 8
-    max_new_tokens: int = 256
 
 
 @dataclass(kw_only=True)
@@ -177,7 +166,6 @@ class RaymoeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
@@ -347,9 +335,9 @@ def validate(cfg: RaymoeConfig) -> None:
         "train",
         t,
         ("warmup_steps", "weight_decay", "grad_clip", "mtp_lambda", "bias_update_speed", "seq_aux_alpha",
-         "log_every", "eval_every", "checkpoint_every", "min_lr_ratio"),
+         "log_every", "eval_every", "checkpoint_every", "min_lr_ratio", "keep_last"),
         allow_zero=("warmup_steps", "weight_decay", "grad_clip", "mtp_lambda", "bias_update_speed",
-                    "seq_aux_alpha", "log_every", "eval_every", "checkpoint_every", "min_lr_ratio"),
+                    "seq_aux_alpha", "log_every", "eval_every", "checkpoint_every", "min_lr_ratio", "keep_last"),
     )  # fmt: skip
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise ConfigError(f"train.beta1/train.beta2 must be < 1, got {t.beta1}/{t.beta2}")
@@ -369,11 +357,6 @@ def validate(cfg: RaymoeConfig) -> None:
         )
     if t.bias_update_speed_final is not None and t.bias_update_speed_final < 0:
         raise ConfigError(f"train.bias_update_speed_final must be >= 0, got {t.bias_update_speed_final}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0 < cfg.serve.port < 65536:
-        raise ConfigError(f"serve.port must be in 1..65535, got {cfg.serve.port}")
-    _positive("serve", cfg.serve, ("max_batch_size", "max_new_tokens"))
 
 
 # --------------------------------------------------------------------------- Hugging Face config.json

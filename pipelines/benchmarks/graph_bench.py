@@ -1,9 +1,9 @@
-"""``raymoe bench graph``: the training step of the local engine against the actor graph, side by side.
+"""``raymoe bench graph``: the training step of the local trainer against the actor graph, side by side.
 
 One run trains the preset (default ``bench``) on the same seeded random token batch of
 ``train.batch_size × train.seq_len`` tokens with
 
-- the local engine (:class:`~raymoe.platform.train.trainer.LocalTrainer`, in this process), and
+- the local trainer (:class:`~raymoe.platform.train.trainer.LocalTrainer`, in this process), and
 - the actor graph (:class:`~raymoe.actors.driver.GraphTrainer`) at each (dp, pp, ep) layout,
   default (1,1,1), (1,1,2), (1,2,2) and (2,1,2),
 
@@ -21,7 +21,7 @@ Reported per row (every number is measured in the run, nothing is estimated):
   it is a real step and the split below is that step's). Local: the wall time of
   ``LocalTrainer.train_step``. Graph: the driver's wall time of ``GraphTrainer.train_step``
   (``graph/step_s``): submitting every call, waiting for the actors, the optimizer step.
-- **tok/s**: ``batch_size × seq_len`` ÷ step s; **x local**: step s ÷ the local engine's.
+- **tok/s**: ``batch_size × seq_len`` ÷ step s; **x local**: step s ÷ the local trainer's.
 - The split of that step, seen from the busiest actor (the critical path's compute):
 
   - **compute**: the largest ``compute_s/<actor>`` of the step, i.e. the seconds the busiest
@@ -39,7 +39,7 @@ Reported per row (every number is measured in the run, nothing is estimated):
   - **Σ compute**: every actor's compute added up. Against the local step it shows how much
     the cut costs in compute (smaller matmuls, threads slowed by other processes on the cores).
   - **Σ CPU**: the CPU seconds (user + system, every thread, read from ``/proc/<pid>/stat``
-    before and after the step) of this process (the driver, or the local engine) and, on graph
+    before and after the step) of this process (the driver, or the local trainer) and, on graph
     rows, of every actor and of Ray's own processes (raylet, GCS, agents: every other process
     below this one; the object store lives in the raylet). **cores** = Σ CPU ÷ step s (at most
     2 here); **others** = the cores the rest of the machine kept busy meanwhile (other
@@ -100,12 +100,12 @@ DTYPES = ("fp32", "bf16")
 DEFAULT_ACTOR_THREADS = 0  # RAYMOE_ACTOR_THREADS for every actor; 0 = unset: each actor's share of the cores
 RAY_NUM_CPUS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-DRIVER = "driver"  # this process: the local engine, or the graph's driver
+DRIVER = "driver"  # this process: the local trainer, or the graph's driver
 MACHINE = "machine"  # every process of the machine (CPU seconds not idle)
 RAY = "ray"  # Ray's own processes below this one (raylet, GCS, agents, idle workers)
 DISTURBED_CORES = 0.25  # other processes busy on this many cores during a row's median step: flagged
 SEED = 0
-# goals of the issue: the graph's step time over the local engine's
+# goals of the issue: the graph's step time over the local trainer's
 GOALS = {(1, 1, 1): 1.05, (1, 1, 2): 1.5}
 
 
@@ -116,7 +116,7 @@ class GraphBenchOptions:
     preset: str = "bench"
     overrides: list[str] = field(default_factory=list)  # dotted config overrides (train.batch_size=4, ...)
     layouts: tuple[tuple[int, int, int], ...] = LAYOUTS  # (dp, pp, ep) of each graph row
-    local: bool = True  # also the local engine (the reference of the ratios)
+    local: bool = True  # also the local trainer (the reference of the ratios)
     micro_batches: int = 2  # micro-batches of the global batch, on every row (per replica: this ÷ dp)
     warmup_steps: int = 2  # bf16 needs two: oneDNN builds its kernels for the first GEMM shapes it meets
     steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
@@ -180,7 +180,7 @@ def check_options(opts: GraphBenchOptions) -> RaymoeConfig:
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConfigError(f"--dtype {opts.dtype!r}: choose from {','.join(DTYPES)}")
     if not opts.layouts and not opts.local:
-        raise ConfigError("nothing to run: no layouts and no local engine")
+        raise ConfigError("nothing to run: no layouts and no local trainer")
     for layout in opts.layouts:
         row_config(opts, layout)
     return row_config(opts, None)
@@ -354,7 +354,7 @@ def run_row(
     layout: tuple[int, int, int] | None,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one row (``layout`` None: the local engine); its result (``error`` set on failure)."""
+    """Train one row (``layout`` None: the local trainer); its result (``error`` set on failure)."""
     from raymoe.platform.train.loop import micro_batches
 
     cfg = row_config(opts, layout)
@@ -420,7 +420,7 @@ def run_row(
 
 
 def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every row of ``opts`` (the local engine first) in one Ray session; the report dict.
+    """Run every row of ``opts`` (the local trainer first) in one Ray session; the report dict.
 
     ``progress(label)`` is called after every step (warmup included) of every row."""
     import ray
@@ -539,10 +539,10 @@ def format_table(report: dict[str, Any]) -> str:
         out += ["", "failed:", *failures]
     out += [
         "",
-        "Seconds of the median timed step (the lower median). x local = step s / the local engine's; goal = the "
+        "Seconds of the median timed step (the lower median). x local = step s / the local trainer's; goal = the "
         "issue's bound on x local.",
         "compute = the busiest actor's compute in that step (wall time inside its torch calls, as the actor times "
-        "it; the local engine: the whole step);",
+        "it; the local trainer: the whole step);",
         "  xfer+wait = step s - compute: the busiest actor not computing (serialization, object store, Ray calls, "
         "the driver's round trips,",
         "  waiting on the other actors). Σ compute = every actor's compute added up (wall times: a process "

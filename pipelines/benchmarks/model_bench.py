@@ -12,7 +12,7 @@ One run measures, on this machine:
 
 bf16 means mixed precision for training (``torch.autocast``: bf16 matmuls, float32 master
 weights and AdamW state, for both models) and bf16 weights for decode (ours through
-:func:`~raymoe.platform.generate.prepare_for_inference`, which keeps the routers in float32;
+:func:`~raymoe.platform.model.transformer.prepare_for_inference`, which keeps the routers in float32;
 transformers' through ``model.to(torch.bfloat16)``).
 
 Every (implementation, dtype, mode) runs in its own worker process (``python -m
@@ -402,15 +402,14 @@ def _decode(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[
     prompt = _random_tokens(cfg, 1, opts.prompt_len)
     n_new = opts.decode_tokens
     if job.impl == OURS:
-        from raymoe.platform.generate import generate, prepare_for_inference
+        from raymoe.platform.inference.engine import generate
+        from raymoe.platform.model.transformer import prepare_for_inference
         from raymoe.platform.train.trainer import build_model
 
-        model = build_model(cfg).eval()
-        if job.dtype != "fp32":
-            prepare_for_inference(model, TORCH_DTYPES[job.dtype])
+        model = prepare_for_inference(build_model(cfg), TORCH_DTYPES[job.dtype])
 
         def call() -> None:
-            (new,) = generate(model, prompt, n_new, temperature=0.0)  # no EOS: always n_new tokens
+            (new,) = generate(model, prompt.tolist(), n_new, temperature=0.0)  # no EOS: always n_new tokens
             if len(new) != n_new:
                 raise RuntimeError(f"generate returned {len(new)} tokens, not {n_new}")
 

@@ -20,7 +20,7 @@ from raymoe.platform.config import load_config
 
 
 def run(preset: str = "small", overrides: list[str] | None = None, kill_after: int = 12,
-        victim: str = "ExpertShard(1)", data: str | None = None) -> dict[str, Any]:  # fmt: skip
+        victim: str = "Shard(1)", data: str | None = None) -> dict[str, Any]:  # fmt: skip
     from raymoe.actors.elastic import ElasticGraph
     from raymoe.pipelines.pretrain import default_data_dir, ensure_default_data
     from raymoe.platform.train.loop import pretrain
@@ -30,19 +30,19 @@ def run(preset: str = "small", overrides: list[str] | None = None, kill_after: i
     data_dir = Path(data) if data else ensure_default_data(default_data_dir(cfg), cfg, progress=False)
     killed: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as out:
-        engine = ElasticGraph(cfg, control_dir=out)
+        trainer = ElasticGraph(cfg, control_dir=out, checkpoint_root=out)
 
         def kill(m) -> None:  # noqa: ANN001
             if m.step == kill_after and not killed:
                 killed["at"] = time.perf_counter()
-                os.kill(engine.pids[victim], signal.SIGKILL)
+                os.kill(trainer.pids[victim], signal.SIGKILL)
 
         try:
             t0 = time.perf_counter()
-            result = pretrain(cfg, data_dir, out, progress=False, engine=engine, on_step=kill)
+            result = pretrain(cfg, data_dir, out, progress=False, trainer=trainer, on_step=kill)
             total = time.perf_counter() - t0
         finally:
-            engine.close()
+            trainer.close()
     ckpt_every = cfg.train.checkpoint_every
     return {
         "preset": preset,

@@ -72,12 +72,12 @@ def main(args: argparse.Namespace) -> int:
 def ensure_checkpoint(output: str, steps: int) -> str:
     """A bench-preset checkpoint with one MTP module, trained for ``steps`` steps (once; reused after)."""
     from raymoe.pipelines.pretrain import default_data_dir, ensure_default_data
-    from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+    from raymoe.platform.checkpoint.layout import latest_checkpoint
     from raymoe.platform.config import load_config
     from raymoe.platform.train.loop import pretrain
 
     out = Path(output) / f"mtp-{steps}"
-    found = latest_checkpoint_uri(str(out))
+    found = latest_checkpoint(str(out))
     if found is not None:
         return found
     cfg = load_config(
@@ -88,9 +88,9 @@ def ensure_checkpoint(output: str, steps: int) -> str:
     data = ensure_default_data(default_data_dir(cfg), cfg, progress=False)
     print(f"bench serve: training the bench preset with MTP for {steps} steps into {out} (once)", flush=True)
     t0 = time.perf_counter()
-    pretrain(cfg, data, out, progress=False, engine="local")
+    pretrain(cfg, data, out, progress=False)  # the local trainer
     print(f"bench serve: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    return latest_checkpoint_uri(str(out))
+    return latest_checkpoint(str(out))
 
 
 def _prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:
@@ -119,7 +119,7 @@ def _decode_ours(served: Any, prompt: list[int], new_tokens: int, speculative: b
 
         runner = CompiledLocalRunner(served.model, blocks, block)
     else:
-        runner = LocalRunner(served.model, blocks, block)
+        runner = LocalRunner(served.model, blocks, block)  # served.model: loaded in run()
     engine = Engine(runner, EngineConfig(cache_tokens=4 * (len(prompt) + new_tokens), speculative=speculative))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     run_to_completion(engine, [prompt], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])  # warm-up
@@ -138,9 +138,10 @@ def _decode_ours(served: Any, prompt: list[int], new_tokens: int, speculative: b
 def _decode_hf(checkpoint: str, prompt: list[int], new_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import DeepseekV3ForCausalLM
 
-    from raymoe.platform.checkpoint.training import export_hf
+    from raymoe.platform.checkpoint import export_hf
+    from raymoe.platform.checkpoint.layout import is_hf_checkpoint
 
-    if Path(checkpoint, "config.json").is_file():  # already in transformers' format
+    if is_hf_checkpoint(checkpoint):  # already in transformers' format
         model = DeepseekV3ForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -250,12 +251,14 @@ def _http(checkpoint: str, args: argparse.Namespace, prompts: list[list[int]], s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from raymoe.platform.inference.loading import load_served_model
+    from raymoe.platform.checkpoint.reader import load_model
+    from raymoe.platform.inference.loading import open_served
 
     t_start = time.perf_counter()
     checkpoint = args.checkpoint or ensure_checkpoint(args.output, args.train_steps)
     dtype = getattr(torch, args.dtype)
-    served = load_served_model(checkpoint, dtype)
+    served = open_served(checkpoint)
+    served.model = load_model(served.reader, dtype=dtype)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = _prompts(served.tokenizer, max(max(levels) * args.requests, 1), args.prompt_len)
     prompt = prompts[0]
@@ -264,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
     decode: dict[str, Any] = {}
     if not args.no_hf:
-        decode["transformers"] = _decode_hf(served.checkpoint, prompt, args.new_tokens, dtype)
+        decode["transformers"] = _decode_hf(served.location, prompt, args.new_tokens, dtype)
     decode["raymoe"] = _decode_ours(served, prompt, args.new_tokens, speculative=False)
     if has_mtp:
         decode["raymoe_mtp"] = _decode_ours(served, prompt, args.new_tokens, speculative=True)
@@ -281,7 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import ray
         from ray import serve
 
-        from raymoe.actors.driver import ensure_ray
+        from raymoe.actors.runtime import ensure_ray
 
         started = not ray.is_initialized()
         ensure_ray()

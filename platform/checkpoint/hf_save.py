@@ -9,27 +9,25 @@ renamed into place when complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import shutil
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from raymoe.platform.checkpoint.hf import (
+from raymoe.platform import storage
+from raymoe.platform.checkpoint.hf import checkpoint_name
+from raymoe.platform.checkpoint.layout import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
-    INDEX_FILE,
-    SINGLE_FILE,
+    HF_INDEX_FILE,
+    HF_SINGLE_FILE,
     CheckpointError,
-    _expert_pieces,
-    checkpoint_name,
+    parse_expert_name,
+    split_experts,
 )
+from raymoe.platform.checkpoint.tensorfile import write_tensors
 from raymoe.platform.config import model_config_to_hf
 from raymoe.platform.model.transformer import DeepseekV3
 
@@ -50,17 +48,25 @@ class _Entry:
 
 
 def _save_entries(model: DeepseekV3, dtype: torch.dtype | None) -> list[_Entry]:
-    """The checkpoint tensors of a model, in DeepSeek-V3's layout (per-expert, MTP as layers)."""
-    state = model.state_dict()
+    """The checkpoint tensors of a model, in DeepSeek-V3's layout (per-expert gate/up/down, MTP as layers)."""
     params = {name for name, _ in model.named_parameters()}
     num_layers = model.cfg.num_hidden_layers
+    state = model.state_dict()
     entries = []
-    for key, t in state.items():
-        out_dtype = dtype if dtype is not None and key in params and t.is_floating_point() else t.dtype
+    for key, t in split_experts(state).items():
+        expert = parse_expert_name(key)
+        is_param = (expert[0] if expert else key) in params
+        out_dtype = dtype if dtype is not None and is_param and t.is_floating_point() else t.dtype
         name = checkpoint_name(key, num_layers)
-        split = _expert_pieces(name, tuple(t.shape)) or [((), name, tuple(t.shape))]
-        entries += [_Entry(piece_name, t[index], out_dtype) for index, piece_name, _ in split]
-    for k in range(len(model.model.mtp)):
+        if expert is None:
+            entries.append(_Entry(name, t, out_dtype))
+        elif name.endswith(".gate_up_proj"):  # ...experts.E.gate_up_proj [2I, D] -> gate_proj, up_proj
+            prefix, i = name[: -len("gate_up_proj")], t.shape[0] // 2
+            entries += [_Entry(f"{prefix}gate_proj.weight", t[:i], out_dtype),
+                        _Entry(f"{prefix}up_proj.weight", t[i:], out_dtype)]  # fmt: skip
+        else:  # ...experts.E.down_proj [D, I]
+            entries.append(_Entry(f"{name}.weight", t, out_dtype))
+    for k in range(len(model.mtp_modules())):
         layer = f"model.layers.{num_layers + k}."
         head_dtype = dtype or state["lm_head.weight"].dtype
         entries.append(_Entry(layer + "embed_tokens.weight", state["model.embed_tokens.weight"], head_dtype))
@@ -81,22 +87,14 @@ def _shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
     return shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_hf_checkpoint(
     model: DeepseekV3,
-    path: str | Path,
+    path: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: torch.dtype | None = None,
-    extra_files: Iterable[str | Path] | None = None,
+    extra_files: Iterable[str] | None = None,
     generation_config: dict[str, Any] | None = None,
-) -> Path:
+) -> str:
     """Write ``model`` as a DeepSeek-V3 / Hugging Face checkpoint directory at ``path``.
 
     Writes ``config.json``, ``generation_config.json`` (``generation_config`` or the bos/eos ids),
@@ -117,56 +115,81 @@ def save_hf_checkpoint(
     Returns:
         ``path``.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
+    path = str(path)
+    if storage.is_file(path):
         raise CheckpointError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    extras = [Path(f) for f in extra_files or ()]
-    reserved = {CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE}
-    for extra in extras:
-        if not extra.is_file():
+    extras = [str(f) for f in extra_files or ()]
+    reserved = {CONFIG_FILE, GENERATION_CONFIG_FILE, HF_INDEX_FILE, HF_SINGLE_FILE}
+    names_of = [e.rstrip("/").rsplit("/", 1)[-1] for e in extras]
+    for extra, name in zip(extras, names_of):
+        if not storage.is_file(extra):
             raise FileNotFoundError(f"extra file {extra} to copy into the checkpoint does not exist")
-        if extra.name in reserved or extra.name.endswith(".safetensors"):
-            raise CheckpointError(f"extra file {extra} would overwrite the checkpoint's own {extra.name}")
-    if len({e.name for e in extras}) != len(extras):
-        raise CheckpointError(f"extra files {[str(e) for e in extras]} have clashing names")
+        if name in reserved or name.endswith(".safetensors"):
+            raise CheckpointError(f"extra file {extra} would overwrite the checkpoint's own {name}")
+    if len(set(names_of)) != len(extras):
+        raise CheckpointError(f"extra files {extras} have clashing names")
     shards = _shards(_save_entries(model, dtype), max_shard_bytes)
     n_shards = len(shards)
-    names = (
-        [SINGLE_FILE]
+    files = (
+        [HF_SINGLE_FILE]
         if n_shards == 1
         else [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
+    fs, local_path = storage.filesystem(path)
+    local = storage.is_local(fs)
+    # a local checkpoint is written into a temporary sibling and renamed; on an object store config.json goes last
+    target = path
+    if local:
+        parent, _, leaf = local_path.rstrip("/").rpartition("/")
+        target = f"{parent}/.{leaf}.tmp-{uuid.uuid4().hex[:12]}"
+        storage.make_dirs(target)
     try:
         weight_map: dict[str, str] = {}
         total = 0
-        for n, (file, shard) in enumerate(zip(names, shards), start=1):
-            logger.info("writing %s (%d/%d)", path / file, n, len(shards))
-            tensors = {e.name: e.tensor.detach().to(device="cpu", dtype=e.dtype, copy=True).contiguous() for e in shard}
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
-            _fsync(tmp / file)
+        for n, (file, shard) in enumerate(zip(files, shards), start=1):
+            logger.info("writing %s (%d/%d)", storage.join(path, file), n, len(shards))
+            tensors = {e.name: e.tensor.detach().to(device="cpu", dtype=e.dtype) for e in shard}
+            write_tensors(storage.join(target, file), tensors, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file))
             total += sum(e.nbytes for e in shard)
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        param_dtype = dtype or model.lm_head.weight.dtype
-        hf = {**model_config_to_hf(model.cfg), "dtype": str(param_dtype).removeprefix("torch.")}
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
+            storage.write_json(storage.join(target, HF_INDEX_FILE), {"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map})  # fmt: skip
+        for extra, name in zip(extras, names_of):
+            storage.write_bytes(storage.join(target, name), storage.read_bytes(extra))
         gen = generation_config or {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id}
-        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2))
-        for extra in extras:
-            shutil.copy2(extra, tmp / extra.name)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        storage.write_json(storage.join(target, GENERATION_CONFIG_FILE), gen)
+        param_dtype = dtype or model.dtype
+        hf = {**model_config_to_hf(model.cfg), "dtype": str(param_dtype).removeprefix("torch.")}
+        storage.write_json(storage.join(target, CONFIG_FILE), hf)
+        if local:
+            import os
+            import shutil
+
+            if os.path.exists(local_path):
+                old = f"{target}.old"
+                os.replace(local_path, old)
+                os.replace(target, local_path)
+                shutil.rmtree(old)
+            else:
+                os.replace(target, local_path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if local:
+            storage.delete_dir(target)
         raise
     return path
+
+
+def export_hf(location: str, out: str, dtype: torch.dtype | None = None) -> str:
+    """Write the Hugging Face layout (config.json, safetensors, tokenizer.json) of any checkpoint to ``out``.
+
+    ``location`` is a training checkpoint, a training output (its latest) or a Hugging Face checkpoint,
+    local or a URI; ``out`` too. Returns the checkpoint that was exported."""
+    from raymoe.platform.checkpoint.layout import TOKENIZER_FILE
+    from raymoe.platform.checkpoint.reader import load_model, open_checkpoint
+
+    reader = open_checkpoint(location)
+    model = load_model(reader)
+    tokenizer = storage.join(reader.location, TOKENIZER_FILE)
+    save_hf_checkpoint(model, out, dtype=dtype, extra_files=[tokenizer] if storage.is_file(tokenizer) else [])
+    return reader.location

@@ -1,132 +1,166 @@
-"""Sharded training checkpoints of the actor graph, on a local path or any pyarrow filesystem URI.
+"""Training checkpoints (see :mod:`raymoe.platform.checkpoint.layout`): written part by part, visible when complete.
 
-``ROOT/checkpoints/step_00000050/`` holds one safetensors file per actor that owns tensors
-(``stage-00.safetensors`` per attention stage, written by its first replica, and
-``experts-00.safetensors`` per expert shard), ``shards.json`` (which file holds which tensor)
-and ``trainer_state.json`` (step, biases, placement, loader position, RNG, config), written last.
-
-Tensor names are the model's state-dict names, with routed experts one by one
-(``model.layers.3.mlp.experts.17.gate_up_proj`` [2I, D]) so that any placement can read the
-experts it holds; optimizer state is ``optimizer.<name>.<exp_avg|exp_avg_sq|step>``. A
-checkpoint is complete or invisible: on a local filesystem it is written under a temporary name
-and renamed; on an object store (no rename) its ``trainer_state.json`` is written last and a
-directory without one is not a checkpoint.
+A trainer writes a checkpoint in three moves: :func:`begin_checkpoint` gives the directory to write
+into; every part (the single-process trainer, or each actor of the graph) writes its own tensors
+there with :func:`write_part`; :func:`commit_checkpoint` writes ``shards.json``, ``config.json``, the
+extra files (the tokenizer) and finally ``trainer_state.json``, and makes the checkpoint visible. On
+a local disk it is written under a temporary name and renamed; on an object store (no rename) its
+``trainer_state.json`` is written last and a directory without one is not a checkpoint.
+``keep_last`` prunes older checkpoints after a commit.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
-from raymoe.platform.checkpoint.hf import CheckpointError
+from raymoe.platform import storage
+from raymoe.platform.checkpoint.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FORMAT,
+    OPTIMIZER_KINDS,
+    SHARDS_FILE,
+    STATE_FILE,
+    STEP_DIR_RE,
+    CheckpointError,
+    optimizer_name,
+    step_dir_name,
+)
+from raymoe.platform.checkpoint.tensorfile import TensorFile, write_tensors
 
-FORMAT = "raymoe-sharded-1"
-SHARDS_FILE = "shards.json"
-STATE_FILE = "trainer_state.json"
-CHECKPOINTS_DIR = "checkpoints"
-OPTIMIZER_PREFIX = "optimizer."
-STEP_DIR_RE = re.compile(r"^step_(\d{8})$")
-_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")
-_STACKED_RE = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+logger = logging.getLogger(__name__)
 
 
-def filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) of a local path or a URI such as ``s3://bucket/run`` or ``file:///x``."""
-    import pyarrow.fs as pafs
+# -- writing ------------------------------------------------------------------------------------
 
-    if "://" in uri:
+
+def begin_checkpoint(root: str, step: int) -> tuple[str, str]:
+    """(directory to write into, final directory) of the checkpoint of ``step`` under ``root``."""
+    final = storage.join(root, CHECKPOINTS_DIR, step_dir_name(step))
+    fs, _ = storage.filesystem(root)
+    if storage.is_local(fs):
+        _remove_stale_temporaries(storage.join(root, CHECKPOINTS_DIR))
+        tmp = storage.join(root, CHECKPOINTS_DIR, f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}")
+        storage.make_dirs(tmp)
+        return tmp, final
+    state = storage.join(final, STATE_FILE)
+    if storage.is_file(state):  # rewriting a step: invisible until done again
+        fs_state = storage.filesystem(state)
+        fs_state[0].delete_file(fs_state[1])
+    storage.make_dirs(final)
+    return final, final
+
+
+def _remove_stale_temporaries(checkpoints: str) -> None:
+    """Remove ``.tmp-*`` folders of checkpoints being written when a process died (one writer per root)."""
+    for name, is_dir in storage.list_dir(checkpoints):
+        if name.startswith(".tmp-") and is_dir:
+            try:
+                storage.delete_dir(storage.join(checkpoints, name))
+            except OSError:
+                pass
+
+
+def write_part(directory: str, filename: str, tensors: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
+    """One part's tensors as ``directory/filename``, tensor by tensor; returns (filename, names written)."""
+    return filename, write_tensors(storage.join(directory, filename), tensors)
+
+
+def commit_checkpoint(
+    writing: str,
+    final: str,
+    state: dict[str, Any],
+    parts: list[tuple[str, list[str]]],
+    config_json: dict[str, Any] | None = None,
+    extra_files: Iterable[str] = (),
+    keep_last: int = 0,
+) -> str:
+    """Index the parts, write the config and extra files, then the state (last); make it visible. Returns ``final``.
+
+    ``extra_files`` are local paths or URIs copied in under their base names (the tokenizer)."""
+    weight_map = {name: file for file, names in parts for name in names}
+    storage.write_json(storage.join(writing, SHARDS_FILE), {"format": FORMAT, "weight_map": weight_map})
+    if config_json is not None:
+        storage.write_json(storage.join(writing, CONFIG_FILE), config_json)
+    for extra in extra_files:
+        name = str(extra).rstrip("/").rsplit("/", 1)[-1]
+        storage.write_bytes(storage.join(writing, name), storage.read_bytes(str(extra)))
+    storage.write_json(storage.join(writing, STATE_FILE), {"format": FORMAT, **state})
+    if writing != final:
+        fs, tmp_path = storage.filesystem(writing)
+        final_path = storage.filesystem(final)[1]
+        if fs.get_file_info(final_path).type.name != "NotFound":
+            fs.delete_dir(final_path)
+        fs.move(tmp_path, final_path)
+    if keep_last:
+        prune_checkpoints(final.rsplit("/", 2)[0], keep_last)
+    return final
+
+
+def save_checkpoint(
+    root: str,
+    step: int,
+    write_parts: Callable[[str], list[tuple[str, list[str]]]],
+    state: dict[str, Any],
+    config_json: dict[str, Any],
+    extra_files: Iterable[str] = (),
+    keep_last: int = 0,
+) -> str:
+    """A whole checkpoint of ``step`` under ``root``: ``write_parts(directory)`` writes every part and
+    returns (file, names) of each; then :func:`commit_checkpoint` (the RNG states join ``state``).
+    Nothing is left behind on failure. Returns the checkpoint's location."""
+    writing, final = begin_checkpoint(str(root), step)
+    try:
+        parts = write_parts(writing)
+        full = {"step": step, **state, "rng": rng_state()}
+        path = commit_checkpoint(writing, final, full, parts, config_json, extra_files, keep_last)
+    except BaseException:
+        abort_checkpoint(writing, final)
+        raise
+    logger.info("checkpoint of step %d written to %s", step, path)
+    return path
+
+
+def abort_checkpoint(writing: str, final: str) -> None:
+    """Remove a temporary directory that was not committed (never a visible checkpoint)."""
+    if writing != final:
         try:
-            return pafs.FileSystem.from_uri(uri)
-        except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError
-            raise CheckpointError(f"cannot open checkpoint location {uri!r}: {exc}") from None
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+            storage.delete_dir(writing)
+        except OSError:
+            pass
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+def prune_checkpoints(root: str, keep_last: int) -> list[str]:
+    """Remove all but the ``keep_last`` newest complete checkpoints under ``root/checkpoints``; returns those removed.
+
+    A folder without ``trainer_state.json`` (half written, or being written) is left alone."""
+    folder = storage.join(root, CHECKPOINTS_DIR)
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name, is_dir in storage.list_dir(folder)
+        if is_dir and (m := STEP_DIR_RE.match(name)) and storage.is_file(storage.join(folder, name, STATE_FILE))
+    )
+    removed = []
+    for _, name in steps[: max(len(steps) - keep_last, 0)]:
+        path = storage.join(folder, name)
+        fs, p = storage.filesystem(path)
+        try:  # the state file first: a half-deleted checkpoint is never taken for a complete one
+            fs.delete_file(storage.join(p, STATE_FILE))
+        except OSError:
+            pass
+        storage.delete_dir(path)
+        removed.append(path)
+    if removed:
+        logger.info("train.keep_last=%d: removed %s", keep_last, ", ".join(removed))
+    return removed
 
 
-def is_local(fs: Any) -> bool:
-    import pyarrow.fs as pafs
-
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
-# -- names ------------------------------------------------------------------------------------
-
-
-def expert_name(stacked: str, expert: int) -> str:
-    """``model.layers.3.mlp.experts.gate_up_proj`` + 17 -> ``model.layers.3.mlp.experts.17.gate_up_proj``."""
-    m = _STACKED_RE.match(stacked)
-    if m is None:
-        raise ValueError(f"{stacked} is not a stacked expert tensor")
-    return f"{m.group(1)}.{expert}.{m.group(2)}"
-
-
-def split_experts(tensors: dict[str, torch.Tensor], expert_ids: dict[str, list[int]] | None = None) -> dict:
-    """Stacked expert tensors (and their optimizer state) one expert per tensor; others unchanged.
-
-    ``expert_ids[stacked name]`` gives the global id of each row (default 0..n-1)."""
-    ids = dict(expert_ids or {})
-    for name, t in tensors.items():
-        base, _ = _optimizer_split(name)
-        if _STACKED_RE.match(base) and t.ndim > 0:
-            ids.setdefault(base, list(range(t.shape[0])))
-    out = {}
-    for name, t in tensors.items():
-        base, suffix = _optimizer_split(name)
-        if _STACKED_RE.match(base) is None:
-            out[name] = t
-        elif t.ndim == 0:  # the scalar AdamW step of a stacked tensor: one copy per expert
-            for e in ids.get(base, []):
-                out[_with_suffix(expert_name(base, e), suffix, name)] = t.clone()
-        else:
-            for row, e in zip(t.unbind(0), ids[base]):
-                out[_with_suffix(expert_name(base, e), suffix, name)] = row.contiguous()
-    return out
-
-
-def stack_experts(tensors: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`split_experts` for a whole model: experts 0..n-1 stacked again."""
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    out = {}
-    for name, t in tensors.items():
-        base, suffix = _optimizer_split(name)
-        m = _EXPERT_RE.match(base)
-        if m is None:
-            out[name] = t
-            continue
-        stacked = _with_suffix(f"{m.group(1)}.{m.group(3)}", suffix, name)
-        groups.setdefault(stacked, {})[int(m.group(2))] = t
-    for stacked, rows in groups.items():
-        missing = sorted(set(range(n_experts)) - set(rows))
-        if missing:
-            raise CheckpointError(f"{stacked}: experts {missing[:8]} are missing from the checkpoint")
-        if rows[0].ndim == 0:  # AdamW step counts are equal for all experts
-            out[stacked] = rows[0]
-        else:
-            out[stacked] = torch.stack([rows[e] for e in range(n_experts)])
-    return out
-
-
-def _optimizer_split(name: str) -> tuple[str, str | None]:
-    if name.startswith(OPTIMIZER_PREFIX):
-        base, _, kind = name[len(OPTIMIZER_PREFIX) :].rpartition(".")
-        return base, kind
-    return name, None
-
-
-def _with_suffix(base: str, suffix: str | None, original: str) -> str:
-    return f"{OPTIMIZER_PREFIX}{base}.{suffix}" if suffix is not None else base
+# -- optimizer state --------------------------------------------------------------------------------
 
 
 def optimizer_state_tensors(named_params: Iterable[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> dict:
@@ -135,7 +169,7 @@ def optimizer_state_tensors(named_params: Iterable[tuple[str, torch.Tensor]], op
     for name, p in named_params:
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value):
-                out[f"{OPTIMIZER_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
+                out[optimizer_name(name, key)] = value.detach().cpu().contiguous()
     return out
 
 
@@ -145,8 +179,8 @@ def load_optimizer_state(
     """Put :func:`optimizer_state_tensors` back (parameters without saved state keep none)."""
     for name, p in named_params:
         state = {}
-        for kind in ("exp_avg", "exp_avg_sq", "step"):
-            t = tensors.get(f"{OPTIMIZER_PREFIX}{name}.{kind}")
+        for kind in OPTIMIZER_KINDS:
+            t = tensors.get(optimizer_name(name, kind))
             if t is not None:
                 if kind != "step" and tuple(t.shape) != tuple(p.shape):
                     raise CheckpointError(
@@ -157,159 +191,54 @@ def load_optimizer_state(
             optimizer.state[p] = state
 
 
-# -- files ------------------------------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------------
 
 
-def write_file(directory: str, filename: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Write ``tensors`` as one safetensors file ``directory/filename``; returns the names written."""
-    fs, path = filesystem(directory)
-    fs.create_dir(path, recursive=True)
-    data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    with fs.open_output_stream(join(path, filename)) as f:
-        f.write(data)
-    return sorted(tensors)
+class TrainingCheckpoint:
+    """Reads a training checkpoint: its state and run config, and any tensors by name wherever they were written."""
 
+    kind = "training"
 
-def read_file(directory: str, filename: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of ``directory/filename`` (only ``names`` when given; read lazily on a local disk)."""
-    fs, path = filesystem(directory)
-    full = join(path, filename)
-    try:
-        if is_local(fs):
-            from safetensors import safe_open
-
-            with safe_open(full, framework="pt") as f:
-                keys = list(names) if names is not None else list(f.keys())
-                return {k: f.get_tensor(k) for k in keys}
-        with fs.open_input_stream(full) as f:
-            tensors = load_bytes(f.read())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {directory}/{filename} is missing") from None
-    except Exception as exc:  # safetensors raises SafetensorError, pyarrow OSError
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot read {directory}/{filename}: {exc}") from None
-    return tensors if names is None else {k: tensors[k] for k in names}
-
-
-def write_json(directory: str, filename: str, obj: Any) -> None:
-    fs, path = filesystem(directory)
-    with fs.open_output_stream(join(path, filename)) as f:
-        f.write(json.dumps(obj).encode())
-
-
-def read_json(directory: str, filename: str) -> Any:
-    fs, path = filesystem(directory)
-    try:
-        with fs.open_input_stream(join(path, filename)) as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}/{filename} is missing") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {directory}/{filename}: {exc}") from None
-
-
-# -- checkpoint directories ---------------------------------------------------------------------
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def begin_checkpoint(root: str, step: int) -> tuple[str, str]:
-    """(directory to write into, final directory) of the checkpoint of ``step`` under ``root``."""
-    fs, path = filesystem(root)
-    final = join(root, CHECKPOINTS_DIR, step_dir_name(step))
-    if is_local(fs):
-        _remove_stale_temporaries(fs, filesystem(join(root, CHECKPOINTS_DIR))[1])
-        tmp = join(root, CHECKPOINTS_DIR, f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}")
-        fs.create_dir(filesystem(tmp)[1], recursive=True)
-        return tmp, final
-    fs_final = filesystem(final)[1]
-    if fs.get_file_info(join(fs_final, STATE_FILE)).type.name != "NotFound":
-        fs.delete_file(join(fs_final, STATE_FILE))  # rewriting a step: invisible until done again
-    fs.create_dir(fs_final, recursive=True)
-    return final, final
-
-
-def _remove_stale_temporaries(fs: Any, checkpoints: str) -> None:
-    """Remove ``.tmp-*`` folders of checkpoints that were being written when a process died (one writer per root)."""
-    import pyarrow.fs as pafs
-
-    for info in fs.get_file_info(pafs.FileSelector(checkpoints, allow_not_found=True)):
-        if info.base_name.startswith(".tmp-") and info.type == pafs.FileType.Directory:
-            try:
-                fs.delete_dir(info.path)
-            except OSError:
-                pass
-
-
-def commit_checkpoint(writing: str, final: str, state: dict[str, Any], shards: dict[str, str]) -> str:
-    """Write the index and the state (last), then make the checkpoint visible; returns ``final``."""
-    write_json(writing, SHARDS_FILE, {"format": FORMAT, "weight_map": shards})
-    write_json(writing, STATE_FILE, {"format": FORMAT, **state})
-    if writing != final:
-        fs, tmp_path = filesystem(writing)
-        final_path = filesystem(final)[1]
-        if fs.get_file_info(final_path).type.name != "NotFound":
-            fs.delete_dir(final_path)
-        fs.move(tmp_path, final_path)
-    return final
-
-
-def abort_checkpoint(writing: str, final: str) -> None:
-    """Remove a temporary directory that was not committed (never a visible checkpoint)."""
-    if writing != final:
-        fs, path = filesystem(writing)
+    def __init__(self, location: str) -> None:
+        self.location = str(location)
         try:
-            fs.delete_dir(path)
-        except (FileNotFoundError, OSError):
-            pass
-
-
-def latest_checkpoint_uri(root: str) -> str | None:
-    """The complete checkpoint with the highest step under ``root/checkpoints`` (or ``root`` itself)."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(root)
-    if fs.get_file_info(join(path, STATE_FILE)).type == pafs.FileType.File:
-        return root
-    infos = fs.get_file_info(pafs.FileSelector(join(path, CHECKPOINTS_DIR), allow_not_found=True))
-    best = None
-    for info in infos:
-        m = STEP_DIR_RE.match(info.base_name)
-        if m and info.type == pafs.FileType.Directory:
-            if fs.get_file_info(join(info.path, STATE_FILE)).type == pafs.FileType.File:
-                step = int(m.group(1))
-                if best is None or step > best[0]:
-                    best = (step, info.base_name)
-    return join(root, CHECKPOINTS_DIR, best[1]) if best else None
-
-
-def is_sharded_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a checkpoint of this format (it has ``shards.json``)."""
-    import pyarrow.fs as pafs
-
-    fs, p = filesystem(path)
-    return fs.get_file_info(join(p, SHARDS_FILE)).type == pafs.FileType.File
-
-
-class ShardedCheckpoint:
-    """Reads a sharded checkpoint: its state, and any tensors by name wherever they were written."""
-
-    def __init__(self, path: str) -> None:
-        self.path = str(path)
-        index = read_json(self.path, SHARDS_FILE)
+            index = storage.read_json(storage.join(self.location, SHARDS_FILE))
+            self.state: dict[str, Any] = storage.read_json(storage.join(self.location, STATE_FILE))
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{self.location} is not a training checkpoint: {exc} is missing") from None
+        except OSError as exc:
+            raise CheckpointError(str(exc)) from None
         if index.get("format") != FORMAT:
-            raise CheckpointError(f"{self.path}/{SHARDS_FILE} has format {index.get('format')!r}, expected {FORMAT}")
+            raise CheckpointError(
+                f"{self.location}/{SHARDS_FILE} has format {index.get('format')!r}, expected {FORMAT}"
+            )
         self.weight_map: dict[str, str] = index["weight_map"]
-        self.state: dict[str, Any] = read_json(self.path, STATE_FILE)
+        self._files: dict[str, TensorFile] = {}
+        from raymoe.platform.config import ConfigError, config_from_dict
+
+        try:
+            self.run_config = config_from_dict(self.state["config"])
+        except (KeyError, ConfigError) as exc:
+            raise CheckpointError(f"{self.location}/{STATE_FILE} has no valid run config: {exc}") from None
+        self.model_config = self.run_config.model
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def info(self, name: str) -> Any:
+        """The :class:`~raymoe.platform.checkpoint.tensorfile.TensorInfo` of ``name`` (a header is read once)."""
+        return self._file(self.weight_map[name]).tensors[name]
+
+    def _file(self, file: str) -> TensorFile:
+        if file not in self._files:
+            self._files[file] = TensorFile(storage.join(self.location, file))
+        return self._files[file]
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names``; a name the checkpoint lacks is an error naming it."""
+        """The tensors ``names``, tensor by tensor; a name the checkpoint lacks is an error naming it."""
         by_file: dict[str, list[str]] = {}
         missing = []
         for name in names:
@@ -319,21 +248,26 @@ class ShardedCheckpoint:
             else:
                 by_file.setdefault(file, []).append(name)
         if missing:
-            raise CheckpointError(
-                f"{self.path} has no tensor {missing[0]}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.location} has no tensor {missing[0]}{more}")
         out = {}
         for file, file_names in by_file.items():
-            out.update(read_file(self.path, file, file_names))
+            out.update(self._file(file).read(file_names))
         return out
 
-    def read_prefixed(self, predicate) -> dict[str, torch.Tensor]:  # noqa: ANN001
-        return self.read([n for n in self.weight_map if predicate(n)])
 
-    def full_state(self, n_experts: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(model state dict, optimizer tensors) of the whole model, experts stacked."""
-        tensors = stack_experts(self.read(self.weight_map), n_experts)
-        model = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
-        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
-        return model, optim
+# -- the RNG states a trainer records -----------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch's CPU (and CUDA) generator states, JSON-serializable."""
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -467,7 +467,9 @@ def _tokenize(
                 "text_column": config.text_column,
             },
         )
-        with tqdm(total=sum(unit_bytes), desc="tokenize", unit="B", unit_scale=True, disable=not progress) as bar:
+        with tqdm(
+            total=sum(unit_bytes), desc="tokenize", unit="B", unit_scale=True, disable=None if progress else True
+        ) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for i, unit in enumerate(batch.column("unit").to_pylist()):
                     if (error := batch.column("error")[i].as_py()) is not None:
@@ -520,7 +522,7 @@ def prepare_dataset(
     splits: dict[str, SplitInfo] = {}
     from tqdm import tqdm
 
-    with tqdm(total=num_sequences, desc="write shards", unit="seq", disable=not progress) as bar:
+    with tqdm(total=num_sequences, desc="write shards", unit="seq", disable=None if progress else True) as bar:
         for split, indices in split_sequences(num_sequences, config.val_fraction, config.seed).items():
             splits[split] = write_split(
                 out, split, stream, indices, doc_ends, seq_len, config.shard_sequences, on_shard=bar.update

@@ -87,6 +87,10 @@ class BlockCache:
         self.block_size = block_size
         self.kv = torch.zeros(len(layers), num_blocks, block_size, width, dtype=dtype, device=device)
 
+        slots = num_blocks * block_size
+        self.flat = self.kv.view(-1, width)  # [L * slots, C + R]: what attention indexes (writes land in kv)
+        self.layer_base = {layer: i * slots for layer, i in self.index.items()}  # first slot of each layer
+
     def layer(self, layer_id: int) -> torch.Tensor:
         """The cache of one layer, flat over (block, row): [num_blocks * block_size, C + R] (a view)."""
         return self.kv[self.index[layer_id]].view(-1, self.kv.shape[-1])

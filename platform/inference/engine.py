@@ -297,7 +297,7 @@ class Engine:
                 tokens = [seq.tokens[-1]] + ([seq.draft] if seq.draft is not None else [])
                 runs.append(SeqRun(tokens, seq.computed, seq.blocks))
             seqs.append(seq)
-        batch = build_step(runs, self.runner.block_size)
+        batch = build_step(runs, self.runner.block_size, self.runner.naive_min_run)
         starts = [0, *itertools.accumulate(batch.lengths)]
         logit_rows: list[int] = []
         for seq, run, first in zip(seqs, runs, starts):
@@ -393,7 +393,7 @@ class Engine:
             drafting.append(seq)
         if not mtp_runs:
             return
-        batch = build_step(mtp_runs, self.runner.block_size)
+        batch = build_step(mtp_runs, self.runner.block_size, self.runner.naive_min_run)
         last = batch.last_rows()
         want = [i for i, seq in enumerate(drafting) if not seq.prefilling]
         logits = self.runner.mtp(batch, hidden.index_select(0, torch.tensor(rows, device=hidden.device)), last[want])
@@ -485,3 +485,43 @@ def run_to_completion(engine: Engine, prompts: list[list[int]], params: list[Sam
         if engine.step() == 0 and len(done) < len(ids):
             raise RuntimeError("the engine is idle but requests are unfinished")
     return [outs.get(i, []) for i in ids]
+
+
+def generate(
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    speculative: bool = True,
+    block_size: int = 16,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` tokens after each prompt with the serving engine, in this process.
+
+    Greedy when ``temperature`` is 0; each request samples from its own generator seeded by ``seed``
+    (None: nondeterministic). A sequence stops after ``eos_token_id`` (included). Returns the new
+    tokens of each prompt. RequestError / SamplingError (ValueErrors) name a bad argument."""
+    from raymoe.platform.inference.runner import LocalRunner, cache_blocks
+    from raymoe.platform.inference.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        ignore_eos=eos_token_id is None,
+    )  # fmt: skip
+    params.check(model.cfg.max_position_embeddings)
+    need = sum(len(p) + max_new_tokens + 1 for p in prompts)
+    runner = LocalRunner(model, cache_blocks(need + block_size * len(prompts), block_size), block_size)
+    engine = Engine(
+        runner,
+        EngineConfig(
+            max_batch_size=max(len(prompts), 1),
+            cache_tokens=need + block_size * len(prompts),
+            block_size=block_size,
+            speculative=speculative,
+        ),  # fmt: skip
+        eos_token_id=eos_token_id,
+    )
+    return run_to_completion(engine, [list(p) for p in prompts], [params] * len(prompts))

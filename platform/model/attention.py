@@ -1,13 +1,27 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3) with its two equivalent paths.
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over flat token rows, with its two equivalent paths.
 
-*Naive* (training, prefill): decompress per-head keys and values from the latent with
-``kv_b_proj`` and run ordinary attention. *Absorbed* (decode): fold the key half of
-``kv_b_proj`` into the query and the value half into the output, so attention runs directly
-over the cached latent ``c_kv`` [T, C] and the shared RoPE key ``k_pe`` [T, R]: the cache holds
-``kv_lora_rank + qk_rope_head_dim`` values per token and layer.
+*Naive*: decompress per-head keys and values from the latent with ``kv_b_proj`` and run ordinary
+attention. *Absorbed*: fold the key half of ``kv_b_proj`` into the query and the value half into
+the output, so attention runs directly over the latent ``c_kv`` [T, C] and the shared RoPE key
+``k_pe`` [T, R]; a cache then holds ``kv_lora_rank + qk_rope_head_dim`` values per token and layer.
+
+The rows of one forward are N tokens, flat. Which rows form a sequence, and where their keys are,
+is told by the attention context the caller passes:
+
+- :class:`CausalAttention`: B sequences of S tokens each from position 0, no cache (training and
+  whole-sequence logits): the naive path.
+- :class:`PagedAttention`: rows of many sequences at any positions, keys in a paged latent cache
+  (serving): each row's latent is written into the cache first; short runs (decode tokens, a token
+  plus its speculative draft) take the absorbed path, which is the paged MLA decode kernel on
+  CUDA; long runs (prefill chunks) take the naive path over their sequence's cached latents,
+  which costs fewer FLOPs past :func:`naive_min_run` tokens.
+
+Shape legend: N rows, H heads, dn/dv/R the nope/value/rope head dims, C kv_lora_rank, T keys.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,45 +32,12 @@ from raymoe.platform.config import ModelConfig
 from raymoe.platform.model.layers import RMSNorm, apply_rope, softmax_scale
 
 
-class LatentCache:
-    """Preallocated latent KV cache of every layer: ``c_kv`` [L, B, T, C] and ``k_pe`` [L, B, T, R].
-
-    All sequences of the batch share one length (``self.length``); the serving engine keeps one
-    cache row per sequence. Args:
-        cfg: the model config.
-        num_layers: attention layers that use the cache (main layers plus MTP modules).
-        batch_size: B.
-        max_len: T, the most tokens a sequence may reach.
-        dtype, device: of the cache tensors.
-    """
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        num_layers: int,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.c_kv = torch.zeros(num_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(num_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.length = 0
-        self.max_len = max_len
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token costs over all layers."""
-        per = self.c_kv.shape[-1] + self.k_pe.shape[-1]
-        return per * self.c_kv.shape[0] * self.c_kv.element_size()
-
-
 class MLA(nn.Module):
     """Multi-head Latent Attention of one layer; parameter names are those of the HF checkpoint.
 
     Args:
         cfg: model config (``q_lora_rank``, ``kv_lora_rank``, head dims, RoPE/YaRN).
-        layer_id: index of this layer's slot in a :class:`LatentCache`.
+        layer_id: the layer's index (its slot in a paged cache).
     """
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
@@ -82,64 +63,37 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
 
-    # -- shared front half ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Attention) -> torch.Tensor:
+        """Attention of flat rows x [N, D] (cos/sin [N, R/2] of their positions) in context ``ctx`` -> [N, D]."""
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        out = ctx.attend(self, q_nope, q_pe, c_kv, k_pe)  # [N, H, dv]
+        return self.o_proj(out.flatten(1))
 
-    def _project(
+    def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> q_nope [B,S,H,dn], q_pe [B,S,H,R], c_kv [B,S,C] (normed), k_pe [B,S,R] (rotated)."""
-        B, S, _ = x.shape
+        """x [N, D] -> q_nope [N, H, dn], q_pe [N, H, R], c_kv [N, C] (normed), k_pe [N, R] (rotated)."""
+        N = x.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, S, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        q = q.view(N, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin, self.interleave).squeeze(1)
         return q_nope, q_pe, c_kv, k_pe
 
-    # -- naive path -------------------------------------------------------------------------
+    # -- the naive path ---------------------------------------------------------------------
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        absorbed: bool | None = None,
+    def naive(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start: int = 0
     ) -> torch.Tensor:
-        """Causal attention of x [B, S, D] -> [B, S, D].
+        """Causal attention of B runs of S queries over their T keys (the queries are keys start..start+S-1).
 
-        Without a cache, the naive path over the S tokens. With a cache, the new tokens' latents
-        are written at ``cache.length`` and attention runs over all cached tokens: by the naive
-        path when the cache was empty (prefill), by the absorbed path otherwise (decode);
-        ``absorbed`` forces one path.
-        """
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            end = start + x.shape[1]
-            cache.c_kv[self.layer_id, :, start:end] = c_kv.to(cache.c_kv.dtype)
-            cache.k_pe[self.layer_id, :, start:end] = k_pe.to(cache.k_pe.dtype)
-            if absorbed is None:
-                absorbed = start > 0
-            if absorbed or start > 0:
-                c_kv = cache.c_kv[self.layer_id, :, :end]
-                k_pe = cache.k_pe[self.layer_id, :, :end]
-        if absorbed:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start)
-        else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, start)
-        return self.o_proj(out.flatten(2))
-
-    def _naive(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start: int
-    ) -> torch.Tensor:
+        q_nope [B, S, H, dn], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R] -> [B, S, H, dv]."""
         B, S, H, _ = q_nope.shape
         T = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
@@ -150,57 +104,161 @@ class MLA(nn.Module):
         if start == 0 and S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            mask = _causal_mask(S, T, start, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            allowed = (
+                torch.arange(T, device=q.device)[None, :] <= torch.arange(start, start + S, device=q.device)[:, None]
+            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, S, H, dv]
 
-    # -- absorbed path ----------------------------------------------------------------------
+    # -- the absorbed path ------------------------------------------------------------------
 
-    def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start: int
-    ) -> torch.Tensor:
-        B, S, H, dn = q_nope.shape
-        T = c_kv.shape[1]
-        dtype = q_nope.dtype
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value halves of ``kv_b_proj``: w_uk [H, dn, C], w_uv [H, dv, C], in ``dtype``."""
+        H, dn = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.kv_b_proj.weight.view(H, dn + self.v_head_dim, self.kv_lora_rank).to(dtype)
-        w_uk, w_uv = wkv_b.split([dn, self.v_head_dim], dim=1)  # [H, dn, C], [H, dv, C]
-        # plain batched matmuls (einsum costs ~40 µs a call in the decode loop)
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, dn), w_uk)  # [H, B*S, C]
-        q_lat = q_lat.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # [B, S*H, C]
-        c_kv, k_pe = c_kv.to(dtype), k_pe.to(dtype)
-        if S == 1 and start + 1 == T and kernels.use_triton(q_lat):
-            o_lat = self._decode_kernel(q_lat, q_pe, c_kv, k_pe)  # [B, H, C]
-        else:
-            scores = torch.bmm(q_lat, c_kv.transpose(1, 2))  # [B, S*H, T]
-            scores = scores + torch.bmm(q_pe.reshape(B, S * H, -1), k_pe.transpose(1, 2))
-            scores = scores.float().view(B, S, H, T) * self.softmax_scale
-            if S > 1 or start + S != T:
-                allowed = _causal_mask(S, T, start, scores.device)[:, None, :]  # [S, 1, T]
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = scores.softmax(dim=-1).to(dtype).view(B, S * H, T)
-            o_lat = torch.bmm(probs, c_kv)  # [B, S*H, C]
-        o_lat = o_lat.view(B, S, H, -1).permute(2, 0, 1, 3).reshape(H, B * S, -1)  # [H, B*S, C]
-        out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, B*S, dv]
-        return out.view(H, B, S, -1).permute(1, 2, 0, 3)  # [B, S, H, dv]
+        return wkv_b.split([dn, self.v_head_dim], dim=1)
 
-    def _decode_kernel(
-        self, q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+    def absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latents: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
-        """One new token per sequence through the Triton MLA decode kernel -> o_lat [B, H, C].
+        """Each of A query rows over its own keys, through the latent: the paper's absorbed attention.
 
-        The kernel reads a paged cache [blocks, block_size, C + R]; this cache keeps c_kv and k_pe
-        apart, so they are concatenated (one block per sequence): a copy of the cache per call,
-        which the serving engine's paged cache (stored in the kernel's layout) does not pay."""
-        B, H, T = q_lat.shape[0], self.n_heads, c_kv.shape[1]
-        cache = torch.cat((c_kv, k_pe), dim=-1)  # [B, T, C + R]
-        block_table = torch.arange(B, dtype=torch.int32, device=cache.device).unsqueeze(1)  # [B, 1]
-        seq_lens = torch.full((B,), T, dtype=torch.int32, device=cache.device)
-        q_pe = q_pe.reshape(B, H, -1).contiguous()
-        return kernels.mla_decode(q_lat.contiguous(), q_pe, cache, block_table, seq_lens, self.softmax_scale)
+        q_nope [A, H, dn], q_pe [A, H, R], latents [A, T, C + R] (row a's keys: c_kv then k_pe),
+        valid [A, T] bool (which of them row a sees) -> [A, H, dv]."""
+        dtype = q_nope.dtype
+        w_uk, w_uv = self.absorbed_weights(dtype)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [A, H, C]
+        q = torch.cat((q_lat, q_pe), dim=-1)  # [A, H, C+R]: one product against [c_kv; k_pe]
+        kv = latents.to(dtype)
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # [A, H, T]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(dtype)
+        o_lat = torch.bmm(probs, kv[..., : self.kv_lora_rank])  # [A, H, C]
+        return self.absorbed_output(o_lat)
+
+    def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """The value half of ``kv_b_proj`` applied after the softmax: o_lat [A, H, C] -> [A, H, dv]."""
+        _, w_uv = self.absorbed_weights(o_lat.dtype)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
 
-def _causal_mask(S: int, T: int, start: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask [S, T], True where query i (at position start+i) may see key t (t <= start+i)."""
-    q_pos = torch.arange(start, start + S, device=device)[:, None]
-    k_pos = torch.arange(T, device=device)[None, :]
-    return k_pos <= q_pos
+class Attention:
+    """Where flat rows' keys are and how they group into sequences (see the module docstring)."""
+
+    positions: torch.Tensor  # [N] int64, each row's position in its sequence
+
+    def attend(
+        self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows' attention outputs [N, H, dv] from their projections (see :meth:`MLA.project`)."""
+        raise NotImplementedError
+
+    @property
+    def sequences(self) -> tuple[int, int] | None:
+        """(B, S) when the rows are B sequences of S tokens each (the sequence-wise balance loss needs it)."""
+        return None
+
+
+@dataclass
+class CausalAttention(Attention):
+    """B sequences of S tokens each, rows in sequence order, from position 0, no cache: the naive path."""
+
+    batch: int
+    seq: int
+    positions: torch.Tensor = field(repr=False)
+
+    @classmethod
+    def of(cls, batch: int, seq: int, device: torch.device | str = "cpu") -> CausalAttention:
+        return cls(batch, seq, torch.arange(seq, device=device).repeat(batch))
+
+    @property
+    def sequences(self) -> tuple[int, int]:
+        return self.batch, self.seq
+
+    def attend(self, mla, q_nope, q_pe, c_kv, k_pe):  # noqa: ANN001, ANN201
+        B, S = self.batch, self.seq
+        out = mla.naive(q_nope.view(B, S, *q_nope.shape[1:]), q_pe.view(B, S, *q_pe.shape[1:]),
+                        c_kv.view(B, S, -1), k_pe.view(B, S, -1))  # fmt: skip
+        return out.reshape(B * S, *out.shape[2:])
+
+
+def naive_min_run(cfg: ModelConfig) -> int:
+    """Run length from which a run's naive attention costs fewer FLOPs than the absorbed one.
+
+    Per query and key, absorbed attention costs 2C + R multiply-adds per head, naive dn + R + dv;
+    naive also decompresses every key once (C·(dn + dv) per head). Over S queries and T keys,
+    naive wins when S·(2C − dn − dv) > C·(dn + dv): S > 43 on the bench preset, 171 on DeepSeek-V3.
+    ``raymoe bench attention`` measures both paths side by side."""
+    C, dn, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    gain = 2 * C - dn - dv
+    if gain <= 0:
+        return 1 << 30  # absorbed always cheaper
+    return C * (dn + dv) // gain + 1
+
+
+@dataclass
+class PagedAttention(Attention):
+    """Rows of many sequences over a paged latent cache (the serving engine's step; see the module docstring).
+
+    The cache of every layer is ``kv`` [L * slots_per_layer, C + R], layer after layer; a row's latent
+    goes to ``slots[row] + layer_base[layer]``. Rows in ``absorbed_rows`` (all rows when None) take
+    the absorbed path over ``key_slots``/``key_valid``; each run of ``naive_runs`` (first row,
+    length, start position, key slots [start + length]) takes the naive path.
+
+    Args:
+        kv: the cache, written in place (index the base tensor, not a view: a compiled graph would
+            otherwise copy the layer back).
+        layer_base: layer id -> its first slot in ``kv``.
+        positions, slots: [N] per row.
+        absorbed_rows: [A] rows of the absorbed path, or None for all N.
+        key_slots, key_valid: [A, T], the slots of each absorbed row's keys (0 past its end) and
+            which it sees (t <= its position).
+        block_table, seq_lens: [A, max_blocks] int32 and [A] int32, the same for the CUDA kernel.
+        block_size: tokens per cache block.
+        naive_runs: (first row, length, start, key slots [start + length]) of each naive run.
+    """
+
+    kv: torch.Tensor = field(repr=False)
+    layer_base: dict[int, int]
+    positions: torch.Tensor = field(repr=False)
+    slots: torch.Tensor = field(repr=False)
+    absorbed_rows: torch.Tensor | None = field(repr=False)
+    key_slots: torch.Tensor = field(repr=False)
+    key_valid: torch.Tensor = field(repr=False)
+    block_table: torch.Tensor = field(repr=False)
+    seq_lens: torch.Tensor = field(repr=False)
+    block_size: int
+    naive_runs: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def attend(self, mla, q_nope, q_pe, c_kv, k_pe):  # noqa: ANN001, ANN201
+        base = self.layer_base[mla.layer_id]
+        self.kv.index_copy_(0, self.slots + base, torch.cat((c_kv, k_pe), dim=-1).to(self.kv.dtype))
+        if not self.naive_runs:  # every row absorbed (decode steps, compiled graphs): no gathers of rows
+            return self._absorbed(mla, q_nope, q_pe, base)
+        out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_head_dim)
+        if self.absorbed_rows is None or self.absorbed_rows.numel():
+            rows = self.absorbed_rows
+            part = self._absorbed(mla, q_nope.index_select(0, rows), q_pe.index_select(0, rows), base)
+            out.index_copy_(0, rows, part.to(out.dtype))
+        C = mla.kv_lora_rank
+        for first, length, start, keys in self.naive_runs:
+            latents = self.kv.index_select(0, keys + base).to(q_nope.dtype)  # [T, C + R]
+            q_n, q_p = q_nope[first : first + length], q_pe[first : first + length]
+            run = mla.naive(q_n[None], q_p[None], latents[None, :, :C], latents[None, :, C:], start)
+            out[first : first + length] = run[0].to(out.dtype)
+        return out
+
+    def _absorbed(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, base: int) -> torch.Tensor:
+        if kernels.use_triton(q_nope, self.kv):  # on CUDA: the paged MLA decode kernel, one query per row
+            w_uk, _ = mla.absorbed_weights(q_nope.dtype)
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()  # [A, H, C]
+            slots_per_layer = self.kv.shape[0] // len(self.layer_base)  # the kernel reads one layer's pages
+            pages = self.kv[base : base + slots_per_layer].view(-1, self.block_size, self.kv.shape[-1])
+            o_lat = kernels.mla_decode(q_lat, q_pe.contiguous(), pages, self.block_table, self.seq_lens,
+                                       mla.softmax_scale)  # fmt: skip
+            return mla.absorbed_output(o_lat)
+        return mla.absorbed(q_nope, q_pe, self.kv[self.key_slots + base], self.key_valid)

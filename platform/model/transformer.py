@@ -1,26 +1,29 @@
-"""The DeepSeek-V3 causal language model: decoder blocks, multi-token prediction, the LM.
+"""The DeepSeek-V3 causal language model, whole or a part of it: decoder blocks, MTP modules, the LM.
 
 Parameter names equal transformers' ``DeepseekV3ForCausalLM`` state dict (``model.layers.N.
 self_attn.q_a_proj.weight``, ``model.layers.N.mlp.experts.gate_up_proj``, ...), so its weights
 load with ``load_state_dict``; the MTP modules live in ``model.mtp.K`` (a checkpoint stores them as
 layer ``num_hidden_layers + K``; ``raymoe.platform.checkpoint`` maps the two).
+
+A *part* (``layers=(start, end)``) holds layers [start, end) with the full model's names: the
+embedding when it starts at layer 0, the final norm, the output head and the MTP modules when it
+ends at the last layer, and the routed experts only when ``routed_experts``. The actor graph's
+attention stages are parts without routed experts; its expert shards hold
+:class:`~raymoe.platform.model.moe.Experts` of the same names. The forward of every path is
+:mod:`raymoe.platform.model.forward`.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raymoe.platform.config import ModelConfig
-from raymoe.platform.model.attention import MLA, LatentCache
+from raymoe.platform.model.attention import MLA
 from raymoe.platform.model.layers import MLP, RMSNorm, RotaryEmbedding
 from raymoe.platform.model.moe import MoE
-
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
@@ -28,33 +31,23 @@ class Block(nn.Module):
 
     Args:
         cfg: model config.
-        layer_id: index of the layer (and of its slot in the latent cache).
+        layer_id: index of the layer (MTP module k: ``num_hidden_layers + k``).
         moe: whether the feed-forward is a MoE (else a dense SwiGLU of ``intermediate_size``).
         seq_aux_alpha: sequence-wise balance loss weight of the MoE.
+        routed_experts: whether a MoE holds its routed experts.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, seq_aux_alpha: float = 0.0) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, moe: bool, seq_aux_alpha: float = 0.0, routed_experts: bool = True
+    ) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.self_attn = MLA(cfg, layer_id)
-        self.mlp: nn.Module = MoE(cfg, seq_aux_alpha) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(cfg, seq_aux_alpha, routed_experts) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        absorbed: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h [B, S, D] -> (h [B, S, D], balance loss of the MoE or None)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, absorbed)
-        x = self.post_attention_layernorm(h)
-        if isinstance(self.mlp, MoE):
-            y, aux = self.mlp(x)
-            return h + y, aux
-        return h + self.mlp(x), None
 
 
 class SharedHead(nn.Module):
@@ -72,59 +65,122 @@ class MTPModule(Block):
     layer's) are those of DeepSeek-V3's checkpoint layer ``num_hidden_layers + k - 1``.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, seq_aux_alpha: float = 0.0) -> None:
-        super().__init__(cfg, layer_id, moe=cfg.n_routed_experts > 0, seq_aux_alpha=seq_aux_alpha)
+    def __init__(self, cfg: ModelConfig, layer_id: int, seq_aux_alpha: float = 0.0, routed_experts: bool = True):
+        super().__init__(cfg, layer_id, cfg.n_routed_experts > 0, seq_aux_alpha, routed_experts)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
-        """h_prev [B, S, D] (depth k-1), emb_next [B, S, D] (embedding of t_{i+k}) -> [B, S, D]."""
-        return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-
-
-class Backbone(nn.Module):
-    """Embedding, decoder layers, final norm and the MTP modules (HF's ``model.*``)."""
-
-    def __init__(self, cfg: ModelConfig, seq_aux_alpha: float = 0.0) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            Block(cfg, i, moe=i >= cfg.first_k_dense_replace, seq_aux_alpha=seq_aux_alpha)
-            for i in range(cfg.num_hidden_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mtp = nn.ModuleList(
-            MTPModule(cfg, cfg.num_hidden_layers + k, seq_aux_alpha) for k in range(cfg.num_nextn_predict_layers)
-        )
-        self.rotary_emb = RotaryEmbedding(cfg)
-
-
-@dataclass
-class LossOutput:
-    """Losses of one training forward; ``loss`` is what backward runs on."""
-
-    loss: torch.Tensor
-    main_loss: torch.Tensor
-    mtp_loss: torch.Tensor | None
-    aux_loss: torch.Tensor | None
-    tokens: int
+        """h_prev [N, D] (depth k-1), emb_next [N, D] (embedding of t_{i+k}) -> [N, D]."""
+        return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev.to(emb_next.dtype))), dim=-1))
 
 
 class DeepseekV3(nn.Module):
-    """DeepSeek-V3 for causal language modelling (single device, no Ray).
+    """DeepSeek-V3 for causal language modelling, or a part of it (single device, no Ray).
 
     Args:
-        cfg: model config; ``num_nextn_predict_layers`` MTP modules are built.
+        cfg: model config; ``num_nextn_predict_layers`` MTP modules are built (on the last part).
         seq_aux_alpha: sequence-wise balance loss weight (0 = off).
+        layers: (start, end) of the main layers this part holds; default all of them.
+        routed_experts: build the routed experts (False: an attention stage of the actor graph).
     """
 
-    def __init__(self, cfg: ModelConfig, seq_aux_alpha: float = 0.0) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        seq_aux_alpha: float = 0.0,
+        layers: tuple[int, int] | None = None,
+        routed_experts: bool = True,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = Backbone(cfg, seq_aux_alpha)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.start, self.end = layers if layers is not None else (0, cfg.num_hidden_layers)
+        if not 0 <= self.start < self.end <= cfg.num_hidden_layers:
+            raise ValueError(f"layers {layers} is not a range of the model's {cfg.num_hidden_layers} layers")
+        self.first, self.last = self.start == 0, self.end == cfg.num_hidden_layers
+        self.has_routed_experts = routed_experts
+        self.model = nn.Module()
+        if self.first:
+            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleDict(
+            {str(i): Block(cfg, i, i >= cfg.first_k_dense_replace, seq_aux_alpha, routed_experts)
+             for i in range(self.start, self.end)}
+        )  # fmt: skip
+        if self.last:
+            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.model.mtp = nn.ModuleDict(
+                {str(k): MTPModule(cfg, cfg.num_hidden_layers + k, seq_aux_alpha, routed_experts)
+                 for k in range(cfg.num_nextn_predict_layers)}
+            )  # fmt: skip
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model.rotary_emb = RotaryEmbedding(cfg)
+
+    @classmethod
+    def empty(
+        cls,
+        cfg: ModelConfig,
+        seq_aux_alpha: float = 0.0,
+        layers: tuple[int, int] | None = None,
+        routed_experts: bool = True,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> DeepseekV3:
+        """The model (or part) with uninitialized weights on ``device``, built without touching memory first.
+
+        Parameters are ``dtype`` (default float32) except the routers', which stay float32; buffers
+        are float32 (the gate biases zero, the RoPE tables computed). Load or initialize it next."""
+        with torch.device("meta"):
+            model = cls(cfg, seq_aux_alpha, layers, routed_experts)
+        model.to_empty(device=device)
+        if dtype is not None:
+            cast_parameters(model, dtype)
+        with torch.no_grad():
+            for gate in model.gates():
+                gate.e_score_correction_bias.zero_()
+        rotary = RotaryEmbedding(cfg)
+        model.model.rotary_emb.cos = rotary.cos.to(device)
+        model.model.rotary_emb.sin = rotary.sin.to(device)
+        return model
+
+    # -- structure --------------------------------------------------------------------------
+
+    def main_blocks(self) -> list[Block]:
+        """The part's decoder layers, in order."""
+        return list(self.model.layers.values())
+
+    def mtp_modules(self) -> list[MTPModule]:
+        """The MTP modules (on the last part; empty elsewhere)."""
+        return list(self.model.mtp.values()) if self.last else []
+
+    def blocks(self) -> list[Block]:
+        """The decoder layers, then the MTP modules."""
+        return self.main_blocks() + self.mtp_modules()
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer of the part, main layers first, then the MTP modules'."""
+        return [b.mlp for b in self.blocks() if isinstance(b.mlp, MoE)]
+
+    def moe_by_layer(self) -> dict[int, MoE]:
+        """Layer id -> its MoE (an MTP module's layer id is ``num_hidden_layers + k``)."""
+        return {b.layer_id: b.mlp for b in self.blocks() if isinstance(b.mlp, MoE)}
+
+    def gates(self) -> list[nn.Module]:
+        return [moe.gate for moe in self.moe_layers()]
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the matrices (the routers are float32 whatever it is)."""
+        return self.model.layers[str(self.start)].self_attn.kv_b_proj.weight.dtype
 
     # -- construction -----------------------------------------------------------------------
 
@@ -142,104 +198,23 @@ class DeepseekV3(nn.Module):
             seed = seed.initial_seed()
         for name, p in self.named_parameters():
             init_parameter_(name, p, self.cfg.initializer_range, seed)
-        for moe in self.moe_layers():
-            moe.gate.e_score_correction_bias.zero_()
+        for gate in self.gates():
+            gate.e_score_correction_bias.zero_()
 
-    def moe_layers(self) -> list[MoE]:
-        """Every MoE layer, main layers first, then the MTP modules'."""
-        blocks = list(self.model.layers) + list(self.model.mtp)
-        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+    # -- the forward (raymoe.platform.model.forward, answered by this model's own experts) ----
 
-    @property
-    def num_cache_layers(self) -> int:
-        return self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] (float32) of input_ids [B, S] (the whole model; the MTP modules are not run)."""
+        from raymoe.platform.model.forward import logits
 
-    # -- forward ----------------------------------------------------------------------------
+        return logits(self, input_ids)
 
-    def positions(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, R/2] of positions start..start+length-1."""
-        if start + length > self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence reaches position {start + length}, beyond max_position_embeddings "
-                f"({self.cfg.max_position_embeddings})"
-            )
-        rope = self.model.rotary_emb
-        return rope.cos[start : start + length], rope.sin[start : start + length]
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float = 0.3, hooks=None):  # noqa: ANN001, ANN201
+        """Training loss of input_ids [B, S] against labels [B, S] (next tokens; -100 = ignore); see
+        :func:`raymoe.platform.model.forward.loss`."""
+        from raymoe.platform.model.forward import loss
 
-    def hidden(
-        self,
-        input_ids: torch.Tensor,
-        cache: LatentCache | None = None,
-        absorbed: bool | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids [B, S] -> (final-normed hidden states [B, S, D], MoE balance losses)."""
-        start = cache.length if cache is not None else 0
-        cos, sin = self.positions(start, input_ids.shape[1], input_ids.device)
-        h = self.model.embed_tokens(input_ids)
-        rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        cos, sin = cos.to(rope_dtype), sin.to(rope_dtype)  # once, not once per layer
-        aux: list[torch.Tensor] = []
-        for layer in self.model.layers:
-            h, a = layer(h, cos, sin, cache, absorbed)
-            if a is not None:
-                aux.append(a)
-        return self.model.norm(h), aux
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: LatentCache | None = None,
-        absorbed: bool | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, S, V] (float32) of input_ids [B, S]; with a cache, continues from ``cache.length``
-        and advances it (the MTP modules are not run)."""
-        h, _ = self.hidden(input_ids, cache, absorbed)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h).float()
-
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, mtp_lambda: float = 0.3) -> LossOutput:
-        """Training loss of input_ids [B, S] against labels [B, S] (next tokens; -100 = ignore).
-
-        Main cross-entropy + λ · mean over MTP depths k of the cross-entropy of predicting
-        t_{i+k+1} from position i (depth k sees the embedding of t_{i+k} = labels shifted by
-        k-1), plus the sequence-wise balance losses when enabled. With ``mtp_lambda`` 0 the MTP
-        modules are not run.
-        """
-        h, aux = self.hidden(input_ids)
-        main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        total = main
-        mtp_loss = None
-        if len(self.model.mtp) and mtp_lambda > 0:
-            cos, sin = (t.to(h.dtype) for t in self.positions(0, input_ids.shape[1], input_ids.device))
-            losses = []
-            h_prev = h
-            for k, module in enumerate(self.model.mtp, start=1):
-                # position i combines h^{k-1}_i with Emb(t_{i+k}) = Emb(labels[i+k-1]) and predicts labels[i+k]
-                next_tokens = mtp_input_tokens(labels, k)
-                h_k = module.combine(h_prev, self.model.embed_tokens(next_tokens))
-                h_k, a = module(h_k, cos, sin)
-                if a is not None:
-                    aux.append(a)
-                target = mtp_targets(labels, k)
-                logits = self.lm_head(module.shared_head.norm(h_k)).float()
-                losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX))
-                h_prev = h_k
-            mtp_loss = torch.stack(losses).mean()
-            total = total + mtp_lambda * mtp_loss
-        aux_loss = torch.stack(aux).sum() if aux else None
-        if aux_loss is not None:
-            total = total + aux_loss
-        tokens = int((labels != IGNORE_INDEX).sum())
-        return LossOutput(loss=total, main_loss=main, mtp_loss=mtp_loss, aux_loss=aux_loss, tokens=tokens)
-
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
-        """A latent cache for every main layer and MTP module."""
-        param = self.lm_head.weight
-        return LatentCache(self.cfg, self.num_cache_layers, batch_size, max_len, dtype or param.dtype, param.device)
+        return loss(self, input_ids, labels, mtp_lambda, hooks)
 
 
 def _param_seed(seed: int, key: str) -> int:
@@ -269,25 +244,6 @@ def init_parameter_(name: str, p: torch.Tensor, std: float, seed: int, expert_id
         p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
 
 
-def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
-    """x [B, S] shifted left by k along S, the last k positions set to ``fill``."""
-    if k == 0:
-        return x
-    out = torch.full_like(x, fill)
-    out[:, :-k] = x[:, k:]
-    return out
-
-
-def mtp_input_tokens(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """The tokens whose embeddings MTP depth k (1-based) combines: t_{i+k} = labels[i+k-1] (0 past the end)."""
-    return _shift_left(labels, k - 1, fill=0).clamp_min(0)
-
-
-def mtp_targets(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """What MTP depth k predicts at position i: t_{i+k+1} = labels[i+k] (ignored past the end)."""
-    return _shift_left(labels, k, fill=IGNORE_INDEX)
-
-
 def moe_prefix(layer: int, num_hidden_layers: int) -> str:
     """State-dict prefix of MoE layer ``layer`` (an MTP module's layer is ``num_hidden_layers + k``)."""
     if layer >= num_hidden_layers:
@@ -295,53 +251,21 @@ def moe_prefix(layer: int, num_hidden_layers: int) -> str:
     return f"model.layers.{layer}.mlp"
 
 
-class StageModel(nn.Module):
-    """The non-expert part of layers [start, end) of a :class:`DeepseekV3`, for an attention stage.
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating parameter to ``dtype`` except the gates' router weights, which stay float32.
 
-    It holds those layers' attention, norms, dense MLPs, gates (with their biases) and shared
-    experts, but not their routed experts; the embedding when ``first``; the final norm, the
-    output head and the MTP modules when ``last``. Parameter names are the full model's
-    (``model.layers.3.self_attn.q_a_proj.weight``), and ``init_weights`` gives them the values
-    the full model's ``init_weights`` would.
-    """
+    Buffers are left as they are: the gates' ``e_score_correction_bias`` and the RoPE tables stay
+    float32 (bias steps of γ = 0.001 vanish in bf16, and the router's scores decide the routing)."""
+    from raymoe.platform.model.moe import Gate
 
-    def __init__(
-        self, cfg: ModelConfig, start: int, end: int, first: bool, last: bool, seq_aux_alpha: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.start, self.end, self.first, self.last = start, end, first, last
-        with torch.device("meta"):  # the routed experts are dropped before any memory is allocated
-            self.model = nn.Module()
-            if first:
-                self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-            self.model.layers = nn.ModuleDict(
-                {str(i): Block(cfg, i, moe=i >= cfg.first_k_dense_replace, seq_aux_alpha=seq_aux_alpha)
-                 for i in range(start, end)}
-            )  # fmt: skip
-            if last:
-                self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-                self.model.mtp = nn.ModuleDict(
-                    {str(k): MTPModule(cfg, cfg.num_hidden_layers + k, seq_aux_alpha)
-                     for k in range(cfg.num_nextn_predict_layers)}
-                )  # fmt: skip
-                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        for block in self.blocks():
-            if isinstance(block.mlp, MoE):
-                block.mlp.experts = None
-        self.to_empty(device="cpu")
-        for block in self.blocks():
-            if isinstance(block.mlp, MoE):
-                block.mlp.gate.e_score_correction_bias.zero_()
-                block.mlp.tokens_per_expert.zero_()
-        self.model.rotary_emb = RotaryEmbedding(cfg)
+    for module in model.modules():
+        target = torch.float32 if isinstance(module, Gate) else dtype
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
+    return model
 
-    def blocks(self) -> list[Block]:
-        """The decoder layers, then the MTP modules."""
-        mtp = list(self.model.mtp.values()) if self.last else []
-        return list(self.model.layers.values()) + mtp
 
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        for name, p in self.named_parameters():
-            init_parameter_(name, p, self.cfg.initializer_range, seed)
+def prepare_for_inference(model: DeepseekV3, dtype: torch.dtype = torch.bfloat16) -> DeepseekV3:
+    """:func:`cast_parameters` to ``dtype`` and eval mode (in place; returns the model)."""
+    return cast_parameters(model, dtype).eval()

@@ -10,18 +10,33 @@ from __future__ import annotations
 
 import torch
 
-from raymoe.platform.model.moe import MoE
+from raymoe.platform.model.forward import Hooks
 
 
-def collect_loads(moe_layers: list[MoE], reset: bool = True) -> torch.Tensor:
-    """Tokens routed to each expert since the last reset: [n_moe_layers, E] float32."""
-    if not moe_layers:
-        return torch.zeros(0, 0)
-    loads = torch.stack([m.tokens_per_expert.detach().float().cpu().clone() for m in moe_layers])
-    if reset:
-        for m in moe_layers:
-            m.tokens_per_expert.zero_()
-    return loads
+class LoadCounter(Hooks):
+    """Forward hooks that count the tokens routed to each expert of the MoE layers ``layers``.
+
+    ``loads()`` is [len(layers), E] float32 (exact past 256, unlike bf16) in the order of ``layers``
+    (main layers, then MTP modules: :class:`~raymoe.platform.model.transformer.DeepseekV3`'s
+    ``moe_by_layer`` order); ``reset()`` starts again. Routing of other layers is ignored."""
+
+    def __init__(self, layers: list[int], n_experts: int, inner: Hooks | None = None) -> None:
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.counts = torch.zeros(len(layers), n_experts)
+        self.inner = inner
+
+    def route(self, layer: int, idx: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor) -> None:
+        i = self.index.get(layer)
+        if i is not None:
+            self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.counts.shape[1]).to(self.counts).cpu()
+        if self.inner is not None:
+            self.inner.route(layer, idx, weights, scores)
+
+    def loads(self) -> torch.Tensor:
+        return self.counts.clone()
+
+    def reset(self) -> None:
+        self.counts.zero_()
 
 
 def bias_delta(loads: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -34,14 +49,14 @@ def bias_delta(loads: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_bias_update(moe_layers: list[MoE], loads: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Add :func:`bias_delta` to every gate's bias; returns the new biases [L, E]."""
-    if gamma == 0 or not moe_layers:
-        return torch.stack([m.gate.e_score_correction_bias.float().cpu() for m in moe_layers]) if moe_layers else loads
-    delta = bias_delta(loads, gamma)
-    for m, d in zip(moe_layers, delta):
-        m.gate.e_score_correction_bias += d.to(m.gate.e_score_correction_bias)
-    return torch.stack([m.gate.e_score_correction_bias.float().cpu() for m in moe_layers])
+def apply_bias_update(gates: list[torch.nn.Module], loads: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Add :func:`bias_delta` to every gate's bias (in the order of ``loads``' rows); the new biases [L, E]."""
+    if gates and gamma != 0:
+        for gate, d in zip(gates, bias_delta(loads, gamma)):
+            gate.e_score_correction_bias += d.to(gate.e_score_correction_bias)
+    if not gates:
+        return torch.zeros(0, loads.shape[-1] if loads.ndim == 2 else 0)
+    return torch.stack([gate.e_score_correction_bias.float().cpu() for gate in gates])
 
 
 def max_violation(loads: torch.Tensor) -> torch.Tensor:

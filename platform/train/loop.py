@@ -1,10 +1,12 @@
-"""The pretraining loop of the local engine: data, steps, evaluation, checkpoints, tracking, resume.
+"""The pretraining loop of every trainer: data, steps, evaluation, checkpoints, tracking, resume.
 
 ``pretrain`` reads like the loop it is: take the next global batch from the resumable loader,
 run one optimizer step (the bias update included), log it, evaluate and checkpoint every so
 often. ``resume=True`` continues from the latest complete checkpoint in ``output``: weights,
 biases, optimizer state, step, loader position and RNG, so the losses are those of a run that
-was never interrupted.
+was never interrupted. A trainer that recovers from failures itself (the elastic actor graph)
+raises :class:`~raymoe.platform.train.trainer.StepRewound` after restoring its latest checkpoint,
+and the loop rewinds its data to that checkpoint's position.
 """
 
 from __future__ import annotations
@@ -22,35 +24,21 @@ from typing import Any
 
 import torch
 
-from raymoe.platform.checkpoint.sharded import filesystem as checkpoint_filesystem
-from raymoe.platform.checkpoint.sharded import is_local, latest_checkpoint_uri
+from raymoe.platform import storage
+from raymoe.platform.checkpoint.layout import TOKENIZER_FILE, latest_checkpoint
 from raymoe.platform.config import ConfigError, RaymoeConfig, config_to_dict, flatten
 from raymoe.platform.data.loader import ShardLoader, iter_batches, to_batch
-from raymoe.platform.train.checkpointing import load_training_checkpoint, save_training_checkpoint
-from raymoe.platform.train.trainer import LocalTrainer, StepMetrics
+from raymoe.platform.train.trainer import LocalTrainer, StepMetrics, StepRewound
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def _graph_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from raymoe.actors.stage import GraphError
-    except ImportError:  # pragma: no cover - the actors package is part of raymoe
-        return ()
-    return (GraphError,)
-
-
-GRAPH_ERRORS = _graph_errors()
 
 
 @dataclass
 class PretrainResult:
     """What a pretraining run produced."""
 
-    output: Path
-    checkpoint: str | Path
+    output: str
+    checkpoint: str
     steps: int
     first_loss: float  # loss of the first step this process ran
     last_loss: float
@@ -70,72 +58,8 @@ def micro_batches(input_ids: torch.Tensor, labels: torch.Tensor, n: int) -> list
     return list(zip(input_ids.chunk(n), labels.chunk(n)))
 
 
-class LocalEngine:
-    """The single-process engine behind the same interface as the actor graph's driver."""
-
-    def __init__(self, cfg: RaymoeConfig) -> None:
-        self.cfg = cfg
-        self.trainer = LocalTrainer(cfg)
-
-    @property
-    def step(self) -> int:
-        return self.trainer.step
-
-    def describe(self) -> dict:
-        return {}
-
-    def train_step(self, micro_batches: list) -> StepMetrics:
-        return self.trainer.train_step(micro_batches)
-
-    def evaluate(self, batches: list) -> tuple[float, torch.Tensor]:
-        return self.trainer.evaluate(batches)
-
-    def save_checkpoint(self, root: str, state: dict, extra_files: list[Path]) -> Path:
-        fs, _ = checkpoint_filesystem(root)
-        if not is_local(fs):
-            raise ConfigError(
-                f"train.checkpoint_uri={root!r}: the local engine writes to local paths only; use --engine graph"
-            )
-        return save_training_checkpoint(
-            root, self.trainer.step, self.trainer.model, self.trainer.optimizer, state, extra_files
-        )
-
-    def load_checkpoint(self, path: str) -> dict:
-        from raymoe.platform.checkpoint.sharded import is_sharded_checkpoint
-        from raymoe.platform.checkpoint.training import load_sharded_into_local
-        from raymoe.platform.train.checkpointing import set_rng_state
-
-        if is_sharded_checkpoint(str(path)):  # written by the actor graph, in any layout
-            state = load_sharded_into_local(str(path), self.trainer.model, self.trainer.optimizer)
-            if "rng" in state:
-                set_rng_state(state["rng"])
-        else:
-            state = load_training_checkpoint(path, self.trainer.model, self.trainer.optimizer)
-        self.trainer.step = int(state["step"])
-        return state
-
-    def close(self) -> None:
-        pass
-
-
-def build_engine(cfg: RaymoeConfig, engine: str, output: str | Path | None = None) -> Any:
-    """``local`` (this process) or ``graph`` (the Ray actor graph of ``cfg.parallel``; elastic unless
-    ``elastic.enabled`` is false)."""
-    if engine == "local":
-        return LocalEngine(cfg)
-    if engine == "graph":
-        if cfg.elastic.enabled:  # Ray only when asked for
-            from raymoe.actors.elastic import ElasticGraph
-
-            return ElasticGraph(cfg, control_dir=output)
-        from raymoe.actors.driver import GraphTrainer
-
-        return GraphTrainer(cfg)
-    raise ConfigError(f"engine must be 'local' or 'graph', got {engine!r}")
-
-
 def evaluate(
-    trainer: Any, data_dir: Path, batch_size: int, max_batches: int | None = None
+    trainer: Any, data_dir: str | Path, batch_size: int, max_batches: int | None = None
 ) -> tuple[float, torch.Tensor]:
     """Validation loss and MaxVio_global per MoE layer over the validation split (fixed order)."""
     batches = []
@@ -158,16 +82,15 @@ def pretrain(
     experiment: str | None = None,
     eval_batches: int | None = None,
     on_step: Callable[[StepMetrics], None] | None = None,
-    engine: str | Any = "local",
+    trainer: Any = None,
 ) -> PretrainResult:
-    """Pretrain ``cfg`` on the prepared data in ``data_dir``; checkpoints and logs go to ``output``.
+    """Pretrain ``cfg`` on the prepared data in ``data_dir`` (a path or URI); checkpoints and logs go to ``output``.
 
-    ``engine`` is ``"local"`` (one process), ``"graph"`` (the Ray actor graph of
-    ``cfg.parallel``), or an engine object (``LocalEngine``, ``GraphTrainer``). Checkpoints go
-    to ``train.checkpoint_uri`` when set (a path or a pyarrow URI), else under ``output``."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(data_dir)
+    ``trainer`` runs the steps: a trainer object (``LocalTrainer``, or the actor graph's from
+    ``raymoe.actors.trainers.build_trainer``), a function that builds one (called once the data is
+    checked, so that a bad ``--data`` starts nothing), or None for a :class:`LocalTrainer`. A
+    trainer this function built is closed at the end. Checkpoints go to ``train.checkpoint_uri``
+    when set (a path or URI), else under ``output`` (a path or URI)."""
     tc = cfg.train
     loader = ShardLoader(data_dir, split="train", batch_size=tc.batch_size, seed=tc.seed)
     manifest = loader.store.manifest
@@ -181,21 +104,31 @@ def pretrain(
             f"train.seq_len ({tc.seq_len}) differs from the data's sequence length ({manifest.seq_len} in {data_dir}); "
             f"set train.seq_len={manifest.seq_len} or prepare the data with --seq-len {tc.seq_len}"
         )
-    n_micro = cfg.parallel.micro_batches * cfg.parallel.dp  # the global batch's micro-batches, on any engine
+    output = str(output)
+    if cfg.data.record_samples and storage.is_uri(output):
+        raise ConfigError(
+            f"data.record_samples writes OUTPUT/{SAMPLES_FILE}: --output must be a local path, got {output}"
+        )
+    if not storage.is_uri(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
+    n_micro = cfg.parallel.micro_batches * cfg.parallel.dp  # the global batch's micro-batches, on any trainer
     eval_batch = tc.batch_size  # forward only: the loss per token and the loads do not depend on it
-    ckpt_root = tc.checkpoint_uri or str(output)
+    ckpt_root = tc.checkpoint_uri or output
     torch.manual_seed(tc.seed)
-    engine_name = engine if isinstance(engine, str) else type(engine).__name__
-    trainer = build_engine(cfg, engine, output) if isinstance(engine, str) else engine
+    owned = trainer is None or not hasattr(trainer, "train_step")
+    if trainer is None:
+        trainer = LocalTrainer(cfg)
+    elif owned:
+        trainer = trainer()
     try:
-        return _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress,
+        return _pretrain(cfg, trainer, loader, str(data_dir), output, ckpt_root, resume, progress,
                          run_name, experiment, eval_batches, on_step, n_micro, eval_batch)  # fmt: skip
     finally:
-        if isinstance(engine, str):
+        if owned:
             trainer.close()
 
 
-def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, resume, progress, run_name,  # noqa: ANN001, ANN202, PLR0913, PLR0915
+def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progress, run_name,  # noqa: ANN001, ANN202, PLR0913, PLR0915
               experiment, eval_batches, on_step, n_micro, eval_batch):  # fmt: skip
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -206,7 +139,7 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
     run_id = None
     record = SampleRecord(Path(output) / SAMPLES_FILE) if cfg.data.record_samples else None
     if resume:
-        ckpt = latest_checkpoint_uri(ckpt_root)
+        ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from step 0", ckpt_root)
         else:
@@ -217,35 +150,33 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
     if record is not None:
         record.truncate(trainer.step)  # steps after the checkpoint are done again
     tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id)
-    params = flatten(config_to_dict(cfg)) | {"data.path": str(data_dir), "engine": engine_name}
-    tracker.start(params | trainer.describe())
-    tokenizer = data_dir / TOKENIZER_FILE
-    extra = [tokenizer] if tokenizer.is_file() else []
+    tracker.start(flatten(config_to_dict(cfg)) | {"data.path": data_dir} | trainer.describe())
+    tokenizer = storage.join(data_dir, TOKENIZER_FILE)
+    extra = [tokenizer] if storage.is_file(tokenizer) else []
     if extra and trainer.step == 0:
-        tracker.log_artifact(tokenizer)
-    elastic = hasattr(trainer, "recover")  # the elastic graph: failures are recovered from
+        tracker.log_text(storage.read_bytes(tokenizer).decode(), TOKENIZER_FILE)
+    boundary = getattr(trainer, "at_step_boundary", None)  # the elastic graph grows or resizes between steps
 
-    def checkpoint() -> str | Path:
+    def checkpoint() -> str:
         state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}
         return trainer.save_checkpoint(ckpt_root, state, extra)
 
     losses: dict[int, float] = {}
     vios: dict[int, float] = {}
     tokens, seconds = 0, 0.0
-    last_ckpt: str | Path | None = None
+    last_ckpt: str | None = None
     start = trainer.step
     recovering_since: float | None = None
     recoveries: list[float] = []
     status = "FAILED"
     try:
         with logging_redirect_tqdm():
-            bar = tqdm(total=tc.steps, initial=start, desc="pretrain", disable=not progress, unit="step",
+            bar = tqdm(total=tc.steps, initial=start, desc="pretrain", disable=None if progress else True, unit="step",
                        dynamic_ncols=True)  # fmt: skip
             while trainer.step < tc.steps:
                 try:
-                    if elastic and trainer.at_step_boundary(checkpoint):
-                        tracker.log_metrics({"elastic/dp": trainer.layout.dp, "elastic/ep": trainer.layout.ep},
-                                            trainer.step)  # fmt: skip
+                    if boundary is not None and (changed := boundary(checkpoint)):
+                        tracker.log_metrics(changed, trainer.step)
                     step = trainer.step
                     indices = loader.next_indices()
                     epoch = loader.epoch
@@ -277,24 +208,20 @@ def _pretrain(cfg, trainer, engine_name, loader, data_dir, output, ckpt_root, re
                         logger.info("step %d validation loss %.4f MaxVio_global %.3f", done, val_loss, _mean(vio))
                     if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
                         last_ckpt = checkpoint()
-                except GRAPH_ERRORS as exc:
-                    if not elastic:
-                        raise
+                except StepRewound as rewound:  # the trainer recovered from a failure: redo from its checkpoint
                     recovering_since = time.perf_counter()
-                    tracker.set_tag("elastic.last_failure", str(exc).splitlines()[0][:500])
-                    tracker.log_metrics({"elastic/failures": trainer.failures + 1}, trainer.step)
-                    state = trainer.recover(exc, ckpt_root)
-                    if state is None:  # no checkpoint yet: from the start
+                    tracker.set_tag("elastic.last_failure", rewound.cause[:500])
+                    tracker.log_metrics({"elastic/failures": getattr(trainer, "failures", 0)} | rewound.metrics,
+                                        trainer.step)  # fmt: skip
+                    if rewound.state is None:  # no checkpoint yet: from the start
                         loader.load_state_dict(ShardLoader(data_dir, "train", tc.batch_size, tc.seed).state_dict())
                     else:
-                        loader.load_state_dict(state["loader"])
+                        loader.load_state_dict(rewound.state["loader"])
                     if record is not None:
                         record.truncate(trainer.step)
                     for s in [s for s in losses if s >= trainer.step]:
                         del losses[s], vios[s]
                     bar.n = trainer.step
-                    tracker.log_metrics({"elastic/dp": trainer.layout.dp, "elastic/ep": trainer.layout.ep},
-                                        trainer.step)  # fmt: skip
             bar.close()
         val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
         tracker.log_eval(trainer.step, val_loss, vio)

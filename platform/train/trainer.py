@@ -3,6 +3,9 @@
 One optimizer step = forward/backward over every micro-batch (gradient accumulation), global
 gradient-norm clipping, AdamW at the scheduled learning rate, then the auxiliary-loss-free bias
 update from the loads of the whole step (all micro-batches, MTP MoE layers included).
+
+Its checkpoints are the training layout every trainer writes (:mod:`raymoe.platform.checkpoint.sharded`),
+as one part holding the whole model; they load into any layout of the actor graph and back.
 """
 
 from __future__ import annotations
@@ -11,12 +14,22 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from raymoe.platform.config import RaymoeConfig
+from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, CheckpointError, split_experts
+from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
+from raymoe.platform.checkpoint.sharded import (
+    load_optimizer_state,
+    optimizer_state_tensors,
+    save_checkpoint,
+    set_rng_state,
+    write_part,
+)
+from raymoe.platform.config import RaymoeConfig, model_config_to_hf
 from raymoe.platform.model import DeepseekV3
-from raymoe.platform.train.balance import apply_bias_update, collect_loads, gamma_at, max_violation
+from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
 from raymoe.platform.train.optim import build_optimizer, cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
@@ -46,18 +59,53 @@ class StepMetrics:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+class StepRewound(RuntimeError):
+    """A trainer's step failed and the trainer restored itself from its latest checkpoint (the elastic graph).
+
+    ``state`` is that checkpoint's trainer state (None: there was none, it starts from step 0);
+    the training loop rewinds its data to it. ``metrics`` are worth logging (the new layout)."""
+
+    def __init__(self, cause: str, state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.state = state
+        self.metrics = metrics or {}
+
+
+def autocast_context(dtype: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """bf16 mixed precision (bf16 matmuls; fp32 weights, router, softmax, losses) or nothing."""
     if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def build_model(cfg: RaymoeConfig, device: torch.device | str = "cpu") -> DeepseekV3:
-    """A freshly initialized model of ``cfg.model`` (seeded by ``cfg.train.seed``), float32."""
+    """A freshly initialized model of ``cfg.model`` (seeded by ``cfg.train.seed``), float32; or, with
+    ``train.init_from``, the weights of that checkpoint (any layout)."""
+    if cfg.train.init_from:
+        from raymoe.platform.checkpoint.reader import load_model
+
+        model = load_model(cfg.train.init_from, device=device, seq_aux_alpha=cfg.train.seq_aux_alpha)
+        check_same_model(cfg, model.cfg, cfg.train.init_from)
+        return model.train()
     model = DeepseekV3(cfg.model, seq_aux_alpha=cfg.train.seq_aux_alpha)
     model.init_weights(cfg.train.seed)
     return model.to(device)
+
+
+def check_same_model(cfg: RaymoeConfig, found: Any, where: str) -> None:
+    """ConfigError when a checkpoint's model config differs from the run's in a field that matters."""
+    import dataclasses
+
+    from raymoe.platform.config import ConfigError
+
+    differ = [f.name for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(cfg.model, f.name)]
+    shape = [f for f in differ if f not in ("bos_token_id", "eos_token_id", "initializer_range")]
+    if shape:
+        raise ConfigError(
+            f"train.init_from={where}: its model differs from model.* in {', '.join(shape)} "
+            f"(e.g. model.{shape[0]}={getattr(found, shape[0])!r} there, {getattr(cfg.model, shape[0])!r} here)"
+        )
 
 
 class LocalTrainer:
@@ -68,14 +116,24 @@ class LocalTrainer:
         model: an existing model to train (default: :func:`build_model`).
     """
 
+    kind = "local"
+
     def __init__(self, cfg: RaymoeConfig, model: DeepseekV3 | None = None) -> None:
         self.cfg = cfg
         self.model = model if model is not None else build_model(cfg)
         self.model.train()
-        self.device = next(self.model.parameters()).device
+        self.device = self.model.device
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.train)
-        self.moe_layers = self.model.moe_layers()
+        self.moe_layer_ids = list(self.model.moe_by_layer())
+        self.gates = self.model.gates()
         self.step = 0
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        return {"trainer": self.kind, "trainer.param_bytes": self.param_bytes}
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
         """One optimizer step over ``micro_batches`` of (input_ids [b, S], labels [b, S]).
@@ -85,14 +143,14 @@ class LocalTrainer:
         t0 = time.perf_counter()
         tc = self.cfg.train
         n = len(micro_batches)
-        collect_loads(self.moe_layers)  # discard counts from evaluation or generation since the last step
+        counter = LoadCounter(self.moe_layer_ids, self.cfg.model.n_routed_experts)
         sums = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "aux": 0.0}
         has_mtp = has_aux = False
         tokens = 0
         for input_ids, labels in micro_batches:
             input_ids, labels = input_ids.to(self.device), labels.to(self.device)
             with autocast_context(tc.dtype, self.device):
-                out = self.model.loss(input_ids, labels, mtp_lambda=tc.mtp_lambda)
+                out = self.model.loss(input_ids, labels, mtp_lambda=tc.mtp_lambda, hooks=counter)
             (out.loss / n).backward()
             sums["loss"] += out.loss.item() / n
             sums["main"] += out.main_loss.item() / n
@@ -112,9 +170,9 @@ class LocalTrainer:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = collect_loads(self.moe_layers)
+        loads = counter.loads()
         gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)
-        biases = apply_bias_update(self.moe_layers, loads, gamma)
+        biases = apply_bias_update(self.gates, loads, gamma)
         metrics = StepMetrics(
             step=self.step,
             loss=sums["loss"],
@@ -140,18 +198,61 @@ class LocalTrainer:
         The MTP modules are not run (they do not change the main model's predictions)."""
         was_training = self.model.training
         self.model.eval()
-        for moe in self.moe_layers:
-            moe.count_loads = True
-        collect_loads(self.moe_layers)
+        main_layers = [layer for layer in self.moe_layer_ids if layer < self.cfg.model.num_hidden_layers]
+        counter = LoadCounter(main_layers, self.cfg.model.n_routed_experts)
         total, count = 0.0, 0
         for input_ids, labels in batches:
             with autocast_context(self.cfg.train.dtype, self.device):
-                out = self.model.loss(input_ids.to(self.device), labels.to(self.device), mtp_lambda=0.0)
+                out = self.model.loss(input_ids.to(self.device), labels.to(self.device), mtp_lambda=0.0, hooks=counter)
             total += out.main_loss.item() * out.tokens
             count += out.tokens
-        loads = collect_loads(self.moe_layers)
-        for moe in self.moe_layers:
-            moe.count_loads = None
         self.model.train(was_training)
-        loads = loads[: self.cfg.model.num_moe_layers]
+        loads = counter.loads()
         return total / max(count, 1), max_violation(loads) if loads.numel() else torch.zeros(0)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def biases(self) -> torch.Tensor:
+        """The gates' biases [n_moe_layers, E] (main layers, then MTP modules)."""
+        if not self.gates:
+            return torch.zeros(0, self.cfg.model.n_routed_experts)
+        return torch.stack([g.e_score_correction_bias.detach().float().cpu() for g in self.gates])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters, gate biases and AdamW state, in checkpoint names (routed experts one by one)."""
+        tensors = dict(self.model.state_dict())
+        tensors.update(optimizer_state_tensors(list(self.model.named_parameters()), self.optimizer))
+        return split_experts(tensors)
+
+    def save_checkpoint(self, root: str, state: dict[str, Any], extra_files: list | None = None) -> str:
+        """The checkpoint of now under ``root`` (a path or URI), one part holding the whole model."""
+        full = {
+            "trainer": self.kind,
+            "parallel": {"dp": 1, "pp": 1, "ep": 1},
+            "biases": self.biases().tolist(),
+            **state,
+        }
+        parts = lambda d: [write_part(d, COLOCATED_FILE, self.state_tensors())]  # noqa: E731
+        hf_config = model_config_to_hf(self.cfg.model)
+        return save_checkpoint(root, self.step, parts, full, hf_config, extra_files or [], self.cfg.train.keep_last)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Restore weights, biases, AdamW state, step and RNG from a training checkpoint of any layout."""
+        reader = open_checkpoint(str(path))
+        if reader.state is None:
+            raise CheckpointError(f"{path} is not a training checkpoint: it has no trainer state to resume")
+        check_same_model(self.cfg, reader.model_config, str(path))
+        targets = dict(self.model.state_dict())
+        named = list(self.model.named_parameters())
+        optim = {f"{OPTIMIZER_PREFIX}{n}.{k}": (torch.zeros(()) if k == "step" else torch.empty_like(p.data))
+                 for n, p in named for k in ("exp_avg", "exp_avg_sq", "step")}  # fmt: skip
+        # optimizer state of parameters that never had a gradient is absent: they keep none
+        absent = load_into({**targets, **optim}, reader, optional=lambda n: n.startswith(OPTIMIZER_PREFIX))
+        load_optimizer_state(named, self.optimizer, {k: v for k, v in optim.items() if k not in absent})
+        self.step = int(reader.state["step"])
+        if "rng" in reader.state:
+            set_rng_state(reader.state["rng"])
+        return reader.state
+
+    def close(self) -> None:
+        pass

@@ -98,7 +98,7 @@ def test_bias_update_counts_every_replica_and_micro_batch(ray_local) -> None:
 
 
 def test_resharded_checkpoint_continues_the_same_run(ray_local, tmp_path: Path) -> None:
-    """Saved at ep=4, loaded at ep=3 and into the local engine: the next steps' losses are those of the unbroken run."""
+    """Saved at ep=4, loaded at ep=3 and into the local trainer: the next steps' losses are those of the unbroken run."""
     data = _batches(6, seed=1)
     straight = GraphTrainer(_cfg(1, 1, 4))
     try:
@@ -207,7 +207,7 @@ def test_a_shard_without_tokens_still_takes_part(ray_local) -> None:
 
 
 def test_a_local_engine_checkpoint_loads_into_the_graph(tmp_path: Path) -> None:
-    """The other direction: the local engine's Hugging Face-layout checkpoint, re-sharded over pp=2, ep=3."""
+    """The other direction: the local trainer's Hugging Face-layout checkpoint, re-sharded over pp=2, ep=3."""
     data = _batches(6, seed=1)
     straight = LocalEngine(_cfg())
     losses = [straight.train_step(micro_batches(x, y, 2)).loss for x, y in data]

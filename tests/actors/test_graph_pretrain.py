@@ -25,7 +25,7 @@ def test_graph_run_resumes_exactly_and_is_tracked(tiny_data: Path, tmp_path: Pat
 
     cfg = _cfg(tmp_path, 6, "parallel.pp=2", "parallel.ep=2")
     full = pretrain(cfg, tiny_data, tmp_path / "full", progress=False, engine="graph")
-    # a run that stops after 3 steps, resumed by a graph of another layout, and one by the local engine
+    # a run that stops after 3 steps, resumed by a graph of another layout, and one by the local trainer
     pretrain(_cfg(tmp_path, 6, "parallel.pp=2", "parallel.ep=2", "train.steps=3"), tiny_data, tmp_path / "cut",
              progress=False, engine="graph")  # fmt: skip
     resumed = pretrain(_cfg(tmp_path, 6, "parallel.ep=3"), tiny_data, tmp_path / "cut", resume=True, progress=False,

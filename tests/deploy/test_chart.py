@@ -227,7 +227,7 @@ def parse_entrypoint(job: dict[str, Any]) -> argparse.Namespace:
 def test_job_entrypoint_defaults() -> None:
     job = one("defaults", "RayJob")
     args = parse_entrypoint(job)
-    assert (args.preset, args.overrides, args.engine) == ("small", [], "graph")
+    assert (args.preset, args.overrides, args.trainer) == ("small", [], "graph")
     assert args.resume and args.no_progress
     assert args.output == "/mnt/raymoe/outputs/pretrain"
     spec = job["spec"]
@@ -438,7 +438,7 @@ def test_serve_args_in_the_values_schema_are_the_config_args() -> None:
         ({"serve": {"args": {"dtpye": "float32"}}}, "additional properties 'dtpye' not allowed"),
         ({"mlfow": {"enabled": False}}, "additional properties 'mlfow' not allowed"),
         ({"rayCluster": {"head": {"cpus": "2"}}}, "additional properties 'cpus' not allowed"),
-        ({"pretrain": {"engine": "grpah"}}, "/pretrain/engine"),
+        ({"pretrain": {"trainer": "grpah"}}, "/pretrain/trainer"),
         ({"pretrain": {"overrides": ["train.steps 200"]}}, "/pretrain/overrides/0"),
     ],
 )

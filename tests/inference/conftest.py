@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from raymoe.platform.config import load_config
-from raymoe.platform.generate import prepare_for_inference
-from raymoe.platform.model.transformer import DeepseekV3
+from raymoe.platform.model.transformer import DeepseekV3, prepare_for_inference
 
 from hf_reference import train_tokenizer
 

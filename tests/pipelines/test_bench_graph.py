@@ -14,7 +14,7 @@ ROW_KEYS = {"label", "step_s", "tokens_per_s", "x_local", "compute_s", "other_s"
 
 @pytest.mark.slow
 def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, capsys):
-    """The local engine and the graph at every default layout, one timed step each, on the tiny preset."""
+    """The local trainer and the graph at every default layout, one timed step each, on the tiny preset."""
     out_file = tmp_path / "graph.json"
     argv = ["bench", "graph", "--preset", "tiny", "--warmup-steps", "0", "--steps", "1", "--json", "--no-progress"]
     code = cli.main([*argv, "--out", str(out_file)])

@@ -1,0 +1,237 @@
+"""The actor graph's runtime: making actors, calling them, waiting with a timeout, naming the dead, closing.
+
+Every driver (training's :class:`~raymoe.actors.driver.GraphTrainer`, serving's
+:class:`~raymoe.actors.graph.GraphRunner`) makes and calls its actors through a :class:`Runtime`:
+:class:`RayRuntime` (Ray actors; calls return object references at once) or
+:class:`InProcessRuntime` (plain objects in this process, the same schedule: tests of the math,
+debugging). Every wait is bounded; a dead, hung or failing actor is a :class:`GraphError` that
+names it by its label (``Stage(replica 0, stage 1)``, ``Shard(2)``). Closing kills every actor
+and waits (briefly) until Ray reports it gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0  # how long a probe of a possibly dead actor may take
+
+
+class GraphError(RuntimeError):
+    """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
+
+
+def set_threads(num_cpus: float = 0.0, peers: int = 1) -> int:
+    """Torch threads of an actor: ``RAYMOE_ACTOR_THREADS``, else its CPU reservation, else its share of the cores.
+
+    Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the default here), which runs
+    a colocated graph's matrix products on one core (measured on 2 cores: the whole model at
+    half the local trainer's speed). Giving every actor all cores is worse where actors compute
+    at the same time: two expert shards with 2 OpenMP threads each on 2 cores took 5× longer
+    than with 1 thread each (1.5 s against 0.3 s of a `small` step). So an actor takes the
+    cores divided by ``peers``, the actors of its kind that run at once (replicas, shards)."""
+    threads = os.environ.get("RAYMOE_ACTOR_THREADS")
+    if threads:
+        n = int(threads)
+    elif num_cpus >= 1:
+        n = int(num_cpus)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = cores // max(peers, 1)
+    torch.set_num_threads(max(n, 1))
+    return torch.get_num_threads()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def ensure_ray() -> None:
+    """Join the cluster at ``RAY_ADDRESS`` when set (as ``ray job submit`` does), else start a local Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class Runtime:
+    """Actors made, called and awaited the same way whether they are Ray actors or plain objects.
+
+    Args:
+        timeout_s: the longest wait for one step's results.
+        long_timeout_s: the longest wait for starting actors, checkpoints and evaluation.
+        where: what the errors say the graph was doing (``step 12``, ``inference``); may be changed.
+    """
+
+    in_process = False
+
+    def __init__(self, timeout_s: float, long_timeout_s: float, where: str = "") -> None:
+        self.timeout_s, self.long_timeout_s = timeout_s, long_timeout_s
+        self.where = where
+        self.actors: list[Any] = []
+        self.labels: list[str] = []
+
+    def make(self, cls: type, label: str, options: dict, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
+        """Call ``actor.method(*args)``; its ``n`` results (Ray: object references, at once)."""
+        raise NotImplementedError
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def get(self, refs: list, what: str, long: bool = False) -> list:
+        """The values of ``refs`` within the timeout; a GraphError naming the actor at fault otherwise."""
+        return refs
+
+    def label_of(self, actor: Any) -> str:
+        for a, label in zip(self.actors, self.labels):
+            if a is actor:
+                return label
+        return "an actor"
+
+    def settle(self, refs: list) -> None:
+        """Wait (bounded) until ``refs`` finished, whatever their outcome (before cleaning up after a failure)."""
+
+    def close(self) -> None:
+        self.actors, self.labels = [], []
+
+
+class InProcessRuntime(Runtime):
+    """The schedule on plain objects in this process: calls run at once and return their values."""
+
+    in_process = True
+
+    def make(self, cls: type, label: str, options: dict, *args: Any) -> Any:
+        actor = cls(*args)
+        self.actors.append(actor)
+        self.labels.append(label)
+        return actor
+
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
+        out = getattr(actor, method)(*args)
+        return [out] if n == 1 else list(out)  # as Ray's num_returns splits them
+
+
+class RayRuntime(Runtime):
+    """Ray actors: calls return object references at once; the driver passes them on and waits only in :meth:`get`."""
+
+    def __init__(self, timeout_s: float, long_timeout_s: float, where: str = "") -> None:
+        super().__init__(timeout_s, long_timeout_s, where)
+        ensure_ray()
+
+    def make(self, cls: type, label: str, options: dict, *args: Any) -> Any:
+        import ray
+
+        actor = ray.remote(cls).options(**options).remote(*args)
+        self.actors.append(actor)
+        self.labels.append(label)
+        return actor
+
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
+        refs = getattr(actor, method).options(num_returns=n).remote(*args)
+        return [refs] if n == 1 else list(refs)
+
+    def put(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def get(self, refs: list, what: str, long: bool = False) -> list:
+        import ray
+
+        timeout = self.long_timeout_s if long else self.timeout_s
+        where = f"{self.where}: " if self.where else ""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            name = "long_timeout_s" if long else "timeout_s"
+            dead = self.dead_actors()
+            who = f" ({', '.join(dead)} no longer answer)" if dead else ""
+            raise GraphError(f"{where}{what} took longer than parallel.{name}={timeout:g} s{who}") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            cause = getattr(exc, "cause", None) or exc
+            dead = self.dead_actors()
+            if dead:  # an error can surface on a live actor whose input came from the dead one: name the dead
+                node = " (its node is gone)" if "node" in str(exc).lower() and "died" in str(exc).lower() else ""
+                raise GraphError(f"{where}{', '.join(dead)} died while {what}{node}: {first_line(exc)}") from exc
+            who = self._who(exc)
+            raise GraphError(f"{where}{who} failed while {what}: {type(cause).__name__}: {cause}") from exc
+
+    def _who(self, exc: BaseException) -> str:
+        text = str(exc)
+        for actor, label in zip(self.actors, self.labels):
+            actor_id = getattr(actor, "_actor_id", None)
+            if actor_id is not None and actor_id.hex() in text:
+                return label
+        m = re.search(r"class_name: (\w+)", text)
+        return f"an actor ({m.group(1)})" if m else "an actor"
+
+    def dead_actors(self, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+        """Labels of the actors that no longer answer (every actor is asked at once)."""
+        import ray
+
+        refs = []
+        for actor in self.actors:
+            try:
+                refs.append(actor.ready.remote())
+            except Exception:  # noqa: BLE001 - an actor handle that cannot even submit is dead
+                refs.append(None)
+        dead = []
+        for label, ref in zip(self.labels, refs):
+            if ref is None:
+                dead.append(label)
+                continue
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(label)
+            except ray.exceptions.RayError:
+                dead.append(label)
+        return dead
+
+    def settle(self, refs: list) -> None:
+        import ray
+
+        ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Kill every actor and wait (briefly) until Ray reports them gone (idempotent)."""
+        import ray
+
+        actors = list(self.actors)
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        for a in actors:  # a call on a killed actor fails once Ray has processed the kill
+            try:
+                ray.get(a.ready.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - expected: the actor is dead
+                pass
+        super().close()
+
+
+def make_runtime(in_process: bool, timeout_s: float, long_timeout_s: float, where: str = "") -> Runtime:
+    return (InProcessRuntime if in_process else RayRuntime)(timeout_s, long_timeout_s, where)

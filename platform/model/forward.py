@@ -1,0 +1,344 @@
+"""The one forward of DeepSeek-V3 over flat token rows, and the training loss; every path runs it.
+
+A forward is a *program*: a generator over the layers of a model (or a part of one, see
+:class:`~raymoe.platform.model.transformer.DeepseekV3`) that pauses at every MoE layer with an
+:class:`ExpertCall` (the normalized rows, the experts each chose and their weights) and resumes
+with the routed experts' weighted sum. Whoever runs the program answers the calls:
+
+- :func:`drive` with :func:`local_experts`: the model's own experts, in this process (training,
+  logits, the serving engine's local runner; also ``torch.compile``'d as one graph);
+- an attention stage of the actor graph: it sends the rows to the expert shards and resumes with
+  their outputs.
+
+The rows' attention context (:mod:`raymoe.platform.model.attention`) says where their keys are:
+B whole sequences (training: the naive path) or a paged latent cache (serving). :class:`Hooks`
+let the caller see the routing (expert loads, analysis), take each sequence-wise balance loss
+where it is computed, and cut the autograd graph after each MoE layer (the graph's backward).
+
+Shape legend: N rows, D hidden, K experts per token, V vocabulary, B sequences, S tokens each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.platform.model.attention import Attention, CausalAttention
+from raymoe.platform.model.moe import MoE, compute_dtype, sequence_balance_loss
+from raymoe.platform.model.transformer import Block, DeepseekV3, MTPModule
+
+IGNORE_INDEX = -100
+T = TypeVar("T")
+
+
+@dataclass
+class ExpertCall:
+    """A program's pause at MoE layer ``layer``: rows ``x`` [N, D] go to experts ``idx`` [N, K] with ``weights``."""
+
+    layer: int
+    x: torch.Tensor
+    idx: torch.Tensor
+    weights: torch.Tensor  # [N, K] float32
+
+
+Program = Generator[ExpertCall, torch.Tensor, T]
+
+
+class Hooks:
+    """What the caller of a program sees at its cut points; the defaults change nothing."""
+
+    def route(self, layer: int, idx: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor) -> None:
+        """The gate of ``layer`` chose ``idx`` [N, K] with ``weights`` [N, K]; ``scores`` [N, E] are the affinities."""
+
+    def aux_loss(self, loss: torch.Tensor) -> None:
+        """A sequence-wise balance loss term, computed now (training with ``seq_aux_alpha > 0``)."""
+
+    def loss_term(self, loss: torch.Tensor, weight: float) -> None:
+        """A term of the objective (main or an MTP depth), computed now, and its weight in :func:`total_loss`."""
+
+    def cut(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden rows after a MoE layer; the program goes on from what this returns."""
+        return h
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclass
+class LossOutput:
+    """Losses of one training forward; ``loss`` is what backward runs on."""
+
+    loss: torch.Tensor
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None
+    tokens: int
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # per depth
+
+
+def total_loss(main: torch.Tensor, mtp: list[torch.Tensor], aux: list[torch.Tensor], mtp_lambda: float) -> torch.Tensor:
+    """DeepSeek-V3's training objective: main + λ · mean over depths of the MTP losses + the balance losses."""
+    total = main
+    if mtp:
+        total = total + mtp_lambda * torch.stack(mtp).mean()
+    if aux:
+        total = total + torch.stack(aux).sum()
+    return total
+
+
+# --------------------------------------------------------------------------- running a program
+
+
+def drive(program: Program[T], experts: Callable[[ExpertCall], torch.Tensor]) -> T:
+    """Run ``program`` to its end, answering each :class:`ExpertCall` with ``experts(call)``."""
+    try:
+        call = next(program)
+        while True:
+            call = program.send(experts(call))
+    except StopIteration as stop:  # .args, not .value: torch.compile (2.13) traces only the former
+        return stop.args[0] if stop.args else None
+
+
+def local_experts(part: DeepseekV3) -> Callable[[ExpertCall], torch.Tensor]:
+    """Answer a program's expert calls with the part's own routed experts."""
+    moe = part.moe_by_layer()
+
+    def answer(call: ExpertCall) -> torch.Tensor:
+        return moe[call.layer].experts(call.x, call.idx, call.weights)
+
+    return answer
+
+
+# --------------------------------------------------------------------------- programs
+
+
+def rope(part: DeepseekV3, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, R/2] of the rows' positions, in the dtype the products run in (computed once a forward)."""
+    rotary = part.model.rotary_emb
+    dtype = compute_dtype(like)
+    return rotary.cos[positions].to(dtype), rotary.sin[positions].to(dtype)
+
+
+@dataclass
+class _Pending:
+    """A MoE layer between its gate and its experts: the residual, the normalized rows and the call."""
+
+    h: torch.Tensor
+    x: torch.Tensor
+    call: ExpertCall
+
+
+def block_begin(
+    block: Block, h: torch.Tensor, ctx: Attention, cos: torch.Tensor, sin: torch.Tensor, hooks: Hooks = NO_HOOKS
+) -> tuple[torch.Tensor | None, _Pending | None]:
+    """A decoder layer up to its routed experts: (output rows [N, D], None) for a dense layer, or
+    (None, the pending MoE layer) whose :class:`ExpertCall` the caller answers, then :func:`block_end`."""
+    h = h + block.self_attn(block.input_layernorm(h), cos, sin, ctx)
+    x = block.post_attention_layernorm(h)
+    if not isinstance(block.mlp, MoE):
+        return h + block.mlp(x), None
+    moe = block.mlp
+    weights, idx, scores = moe.gate(x)
+    hooks.route(block.layer_id, idx, weights, scores)
+    if moe.seq_aux_alpha > 0 and torch.is_grad_enabled() and ctx.sequences is not None:
+        B, S = ctx.sequences
+        hooks.aux_loss(sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), moe.seq_aux_alpha))
+    return None, _Pending(h, x, ExpertCall(block.layer_id, x, idx, weights))
+
+
+def block_end(block: Block, pending: _Pending, y: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+    """A MoE layer after its routed experts: y [N, D] (their weighted sum) plus the shared experts, residual."""
+    moe = block.mlp
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(pending.x)
+    return hooks.cut(pending.h + y.to(pending.h.dtype))
+
+
+# The programs below drive blocks with block_begin/block_end, not with ``yield from`` a generator per
+# block: torch.compile (2.13) loses the value a ``yield from`` returns, and these programs are compiled.
+
+
+def blocks_program(
+    blocks: list[Block], h: torch.Tensor, ctx: Attention, cos: torch.Tensor, sin: torch.Tensor, hooks: Hooks = NO_HOOKS
+) -> Program[torch.Tensor]:
+    """Decoder blocks (or an MTP module's block) over flat rows h [N, D] -> [N, D]."""
+    for block in blocks:
+        out, pending = block_begin(block, h, ctx, cos, sin, hooks)
+        if pending is not None:
+            y = yield pending.call
+            out = block_end(block, pending, y, hooks)
+        h = out
+    return h
+
+
+def main_program(
+    part: DeepseekV3,
+    ctx: Attention,
+    tokens: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    hooks: Hooks = NO_HOOKS,
+) -> Program[torch.Tensor]:
+    """The part's main layers over flat rows: from ``tokens`` [N] (first part) or ``hidden`` [N, D].
+
+    Returns the hidden rows [N, D], final-normed on the last part."""
+    h = part.model.embed_tokens(tokens) if part.first else hidden
+    cos, sin = rope(part, ctx.positions, h)
+    for block in part.main_blocks():
+        out, pending = block_begin(block, h, ctx, cos, sin, hooks)
+        if pending is not None:
+            y = yield pending.call
+            out = block_end(block, pending, y, hooks)
+        h = out
+    return part.model.norm(h) if part.last else h
+
+
+def mtp_program(
+    module: MTPModule,
+    part: DeepseekV3,
+    h_prev: torch.Tensor,
+    emb_next: torch.Tensor,
+    ctx: Attention,
+    hooks: Hooks = NO_HOOKS,
+) -> Program[torch.Tensor]:
+    """One MTP depth over flat rows: combine h_prev [N, D] with the embeddings of the next tokens, one block.
+
+    Returns the module's hidden rows [N, D] (before its ``shared_head.norm``)."""
+    h = module.combine(h_prev, emb_next)
+    cos, sin = rope(part, ctx.positions, h)
+    out, pending = block_begin(module, h, ctx, cos, sin, hooks)
+    if pending is not None:
+        y = yield pending.call
+        out = block_end(module, pending, y, hooks)
+    return out
+
+
+def head(part: DeepseekV3, h: torch.Tensor, norm: torch.nn.Module | None = None) -> torch.Tensor:
+    """Float32 logits [N, V] of hidden rows h [N, D] (through ``norm`` first, e.g. an MTP module's own)."""
+    return part.lm_head(norm(h) if norm is not None else h).float()
+
+
+def loss_program(
+    part: DeepseekV3,
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    ctx: CausalAttention,
+    mtp_lambda: float,
+    mtp_emb: torch.Tensor | None = None,
+    hooks: Hooks = NO_HOOKS,
+) -> Program[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The last part's losses from its final-normed rows h [B*S, D] against labels [B, S] (-100 = ignore).
+
+    Main cross-entropy, and with ``mtp_lambda > 0`` the MTP depths: depth k combines position i's
+    hidden state of depth k-1 with the embedding of t_{i+k} = labels[i+k-1] and predicts
+    t_{i+k+1} = labels[i+k]. ``mtp_emb`` [depth, B*S, D] are those embeddings when the embedding
+    lives elsewhere (the first stage of the actor graph). Returns (main loss, MTP loss per depth)."""
+    main = F.cross_entropy(head(part, h), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    hooks.loss_term(main, 1.0)
+    losses: list[torch.Tensor] = []
+    modules = part.mtp_modules() if mtp_lambda > 0 else []
+    h_prev = h
+    for k, module in enumerate(modules, start=1):
+        emb = mtp_emb[k - 1] if mtp_emb is not None else part.model.embed_tokens(mtp_input_tokens(labels, k))
+        h_k = yield from mtp_program(module, part, h_prev, emb.reshape(h.shape[0], -1), ctx, hooks)
+        logits = head(part, h_k, module.shared_head.norm)
+        losses.append(F.cross_entropy(logits, mtp_targets(labels, k).reshape(-1), ignore_index=IGNORE_INDEX))
+        hooks.loss_term(losses[-1], mtp_lambda / len(modules))
+        h_prev = h_k
+    return main, losses
+
+
+def mtp_embeddings(part: DeepseekV3, labels: torch.Tensor) -> torch.Tensor:
+    """The embeddings the MTP depths combine, [depth, B*S, D] (computed on the part that holds the embedding)."""
+    depth = part.cfg.num_nextn_predict_layers
+    emb = part.model.embed_tokens
+    return torch.stack([emb(mtp_input_tokens(labels, k)).reshape(labels.numel(), -1) for k in range(1, depth + 1)])
+
+
+def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x [B, S] shifted left by k along S, the last k positions set to ``fill``."""
+    if k == 0:
+        return x
+    out = torch.full_like(x, fill)
+    out[:, :-k] = x[:, k:]
+    return out
+
+
+def mtp_input_tokens(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The tokens whose embeddings MTP depth k (1-based) combines: t_{i+k} = labels[i+k-1] (0 past the end)."""
+    return _shift_left(labels, k - 1, fill=0).clamp_min(0)
+
+
+def mtp_targets(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """What MTP depth k predicts at position i: t_{i+k+1} = labels[i+k] (ignored past the end)."""
+    return _shift_left(labels, k, fill=IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- the whole model
+
+
+def _check_ids(model: DeepseekV3, input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+    if input_ids.shape[1] > model.cfg.max_position_embeddings:
+        raise ValueError(
+            f"sequences of {input_ids.shape[1]} tokens reach beyond max_position_embeddings "
+            f"({model.cfg.max_position_embeddings})"
+        )
+
+
+def logits(model: DeepseekV3, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, S, V] (float32) of input_ids [B, S]: the main model over whole sequences, its own experts."""
+    _check_ids(model, input_ids)
+    B, S = input_ids.shape
+    ctx = CausalAttention.of(B, S, input_ids.device)
+    h = drive(main_program(model, ctx, tokens=input_ids.reshape(-1)), local_experts(model))
+    return head(model, h).view(B, S, -1)
+
+
+class _Collect(Hooks):
+    """Hooks that keep the balance losses (and pass the routing on to the caller's hooks)."""
+
+    def __init__(self, inner: Hooks | None) -> None:
+        self.inner = inner or NO_HOOKS
+        self.aux: list[torch.Tensor] = []
+
+    def route(self, layer, idx, weights, scores):  # noqa: ANN001, ANN201
+        self.inner.route(layer, idx, weights, scores)
+
+    def aux_loss(self, loss: torch.Tensor) -> None:
+        self.aux.append(loss)
+
+
+def loss(
+    model: DeepseekV3,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    mtp_lambda: float = 0.3,
+    hooks: Hooks | None = None,
+) -> LossOutput:
+    """Training loss of the whole model (its own experts) on input_ids [B, S] against labels [B, S].
+
+    Main cross-entropy + λ · mean over MTP depths (run only when λ > 0) + the sequence-wise balance
+    losses when enabled; ``hooks`` see the routing (e.g. to count expert loads)."""
+    _check_ids(model, input_ids)
+    B, S = input_ids.shape
+    ctx = CausalAttention.of(B, S, input_ids.device)
+    collect = _Collect(hooks)
+
+    def program() -> Program[tuple[torch.Tensor, list[torch.Tensor]]]:
+        h = yield from main_program(model, ctx, tokens=input_ids.reshape(-1), hooks=collect)
+        return (yield from loss_program(model, h, labels, ctx, mtp_lambda, hooks=collect))
+
+    main, mtp = drive(program(), local_experts(model))
+    return LossOutput(
+        loss=total_loss(main, mtp, collect.aux, mtp_lambda),
+        main_loss=main,
+        mtp_loss=torch.stack(mtp).mean() if mtp else None,
+        aux_loss=torch.stack(collect.aux).sum() if collect.aux else None,
+        tokens=int((labels != IGNORE_INDEX).sum()),
+        mtp_losses=mtp,
+    )
