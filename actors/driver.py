@@ -37,7 +37,7 @@ from raymoe.actors.shard import Shard
 from raymoe.actors.stage import Stage
 from raymoe.platform.checkpoint.reader import open_checkpoint
 from raymoe.platform.checkpoint.sharded import save_checkpoint, set_rng_state
-from raymoe.platform.config import RaymoeConfig, model_config_to_hf
+from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
 from raymoe.platform.train.balance import bias_delta, gamma_at, max_violation
 from raymoe.platform.train.optim import cosine_lr
 from raymoe.platform.train.trainer import StepMetrics, check_same_model
@@ -357,7 +357,7 @@ class GraphTrainer:
 
         layout = {"dp": self.dp, "pp": self.pp, "ep": self.ep}
         full = {"trainer": self.kind, "parallel": layout, "placement": self.placement.to_dict(),
-                "biases": self.biases.tolist(), **state}  # fmt: skip
+                "biases": self.biases.tolist(), "config": config_to_dict(self.cfg), **state}  # fmt: skip
         return save_checkpoint(root, self.step, write_parts, full, model_config_to_hf(self.cfg.model),
                                extra_files or [], self.cfg.train.keep_last)  # fmt: skip
 

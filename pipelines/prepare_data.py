@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 
+from raymoe.actors.data import ray_data_map
 from raymoe.platform.data.prepare import (
     DEFAULT_SEQ_LEN,
     DEFAULT_SHARD_SEQUENCES,
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         manifest = prepare_dataset(
-            args.out, config_from_args(args), num_cpus=args.num_cpus, progress=not args.no_progress
+            args.out, config_from_args(args), progress=not args.no_progress, map_units=ray_data_map(args.num_cpus)
         )
     except (DataError, OSError) as exc:  # a wrong input, or an output directory (or bucket) that cannot be written
         print(f"raymoe prepare-data: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 def ensure_default_data(data_dir: Path, cfg: RaymoeConfig, progress: bool = True) -> Path:
     """Prepare the built-in corpus (the stdlib's source) into ``data_dir`` unless it is there already."""
+    from raymoe.actors.data import ray_data_map
     from raymoe.platform.data.prepare import PrepareConfig, prepare_dataset
     from raymoe.platform.data.shards import DataError, read_manifest
 
@@ -36,6 +37,7 @@ def ensure_default_data(data_dir: Path, cfg: RaymoeConfig, progress: bool = True
         data_dir,
         PrepareConfig(vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed),
         progress=progress,
+        map_units=ray_data_map(),
     )
     return data_dir
 

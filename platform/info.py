@@ -128,7 +128,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     embedding = backbone.embed_tokens.weight.numel()
     head = model.lm_head.weight.numel()
     sums: dict[str, int] = {}
-    for block in backbone.layers:
+    for block in model.main_blocks():
         for key, value in _block_counts(block, top_k).items():
             sums[key] = sums.get(key, 0) + value
     if sums.get("other", 0):
@@ -143,7 +143,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     activated = total - sums["routed"] + sums["routed_activated"]
 
     mtp = mtp_activated = mtp_activated_matrix = 0
-    for module in backbone.mtp:
+    for module in model.mtp_modules():
         c = _block_counts(module, top_k)
         unique = _numel(module.parameters())[0]
         mtp += unique

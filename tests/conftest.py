@@ -49,3 +49,16 @@ def tiny_data(tmp_path_factory, ray_local):  # noqa: ANN001, ANN201
     out = tmp_path_factory.mktemp("data")
     prepare_dataset(out, PrepareConfig(vocab_size=512, seq_len=32, max_bytes=200_000, seed=0))
     return out
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, prompts: list[list[int]], n: int) -> list[list[int]]:  # noqa: ANN001
+    """Greedy decoding without a cache, one prompt at a time: the whole sequence through the training
+    forward (naive attention, no cache) every step; the plain-torch twin of every decoding path."""
+    out = []
+    for prompt in prompts:
+        seq = torch.tensor([prompt])
+        for _ in range(n):
+            seq = torch.cat((seq, model(seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
+        out.append(seq[0, len(prompt) :].tolist())
+    return out

@@ -23,10 +23,9 @@ import functools
 import itertools
 import json
 import logging
-import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -375,27 +374,19 @@ def _empty_corpus_message(pieces: list[Piece]) -> str:
     return f"empty corpus: no text in {len(files)} file(s) ({shown})"
 
 
-# ---- tokenizing with Ray Data ----------------------------------------------------------------------------------
+# ---- tokenizing units, in this process or in parallel ---------------------------------------------------------
+
+UnitMap = Callable[[list[dict[str, Any]], Callable[..., pa.Table], dict[str, Any]], Iterator[pa.Table]]
+"""How the units are tokenized: ``map_units(items, fn, fn_kwargs)`` yields ``fn(batch, **fn_kwargs)`` for
+every item (a one-row pyarrow batch each), in any order. :func:`map_in_process` runs them here, one by one;
+``raymoe.actors.data.ray_data_map`` spreads them over a Ray cluster with Ray Data (what ``raymoe
+prepare-data`` uses)."""
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray; else join ``RAY_ADDRESS`` or start a local Ray, and shut it down afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
-    else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def map_in_process(items: list[dict[str, Any]], fn: Callable[..., pa.Table], fn_kwargs: dict[str, Any]):
+    """:data:`UnitMap` in this process."""
+    for item in items:
+        yield fn(pa.Table.from_pylist([item]), **fn_kwargs)
 
 
 @functools.lru_cache(maxsize=2)
@@ -409,7 +400,7 @@ def _tokenizer_from_json(tokenizer_json: str) -> Any:
 def _tokenize_units(
     batch: pa.Table, *, tokenizer_json: str, eos_id: int, text_field: str, text_column: str
 ) -> pa.Table:
-    """Ray Data map: units (``unit``, ``pieces`` as JSON) → their token ids, one row per unit.
+    """The map over units (``unit``, ``pieces`` as JSON) → their token ids, one row per unit.
 
     Output columns: ``unit``; ``ids`` (list<int32>: every document's ids then ``eos_id``);
     ``doc_tokens`` (list<int32>: ids per document, EOS excluded); ``chars``; ``error`` (a
@@ -444,42 +435,26 @@ def _tokenize_units(
 
 
 def _tokenize(
-    units: list[list[Piece]], tokenizer: Any, eos_id: int, config: PrepareConfig, progress: bool
+    units: list[list[Piece]], tokenizer: Any, eos_id: int, config: PrepareConfig, progress: bool, map_units: UnitMap
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tokenize all units with Ray Data; return (token stream [N] int32, ids per document [D], characters)."""
-    import ray.data
+    """Tokenize all units with ``map_units``; return (token stream [N] int32, ids per document [D], characters)."""
     from tqdm import tqdm
 
     items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in unit])} for i, unit in enumerate(units)]
     unit_bytes = [sum(p.nbytes for p in unit) for unit in units]
-    ctx = ray.data.DataContext.get_current()
-    saved_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours is the tqdm bar below
     results: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _tokenize_units,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "tokenizer_json": tokenizer.to_str(),
-                "eos_id": eos_id,
-                "text_field": config.text_field,
-                "text_column": config.text_column,
-            },
-        )
-        with tqdm(
-            total=sum(unit_bytes), desc="tokenize", unit="B", unit_scale=True, disable=None if progress else True
-        ) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for i, unit in enumerate(batch.column("unit").to_pylist()):
-                    if (error := batch.column("error")[i].as_py()) is not None:
-                        raise DataError(error)
-                    ids = batch.column("ids")[i].values.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
-                    doc_tokens = batch.column("doc_tokens")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
-                    results[unit] = (ids, doc_tokens, batch.column("chars")[i].as_py())
-                    bar.update(unit_bytes[unit])
-    finally:
-        ctx.enable_progress_bars = saved_bars
+    kwargs = {"tokenizer_json": tokenizer.to_str(), "eos_id": eos_id, "text_field": config.text_field,
+              "text_column": config.text_column}  # fmt: skip
+    bar = tqdm(total=sum(unit_bytes), desc="tokenize", unit="B", unit_scale=True, disable=None if progress else True)
+    with bar:
+        for batch in map_units(items, _tokenize_units, kwargs):
+            for i, unit in enumerate(batch.column("unit").to_pylist()):
+                if (error := batch.column("error")[i].as_py()) is not None:
+                    raise DataError(error)
+                ids = batch.column("ids")[i].values.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
+                doc_tokens = batch.column("doc_tokens")[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
+                results[unit] = (ids, doc_tokens, batch.column("chars")[i].as_py())
+                bar.update(unit_bytes[unit])
     ordered = [results[i] for i in range(len(units))]  # by unit: the same stream for any parallelism
     stream = np.concatenate([r[0] for r in ordered]) if ordered else np.zeros(0, TOKEN_DTYPE)
     doc_tokens = np.concatenate([r[1] for r in ordered]) if ordered else np.zeros(0, np.int64)
@@ -487,14 +462,17 @@ def _tokenize(
 
 
 def prepare_dataset(
-    out_dir: Path | str, config: PrepareConfig | None = None, *, num_cpus: int | None = None, progress: bool = False
+    out_dir: Path | str,
+    config: PrepareConfig | None = None,
+    *,
+    progress: bool = False,
+    map_units: UnitMap | None = None,
 ) -> Manifest:
     """Tokenize ``config``'s corpus into shards under ``out_dir``; return the manifest written there.
 
-    ``out_dir`` is a local path or a URI (``s3://bucket/data``); the corpus files are local.
-
-    Ray: the running one, else ``RAY_ADDRESS``'s cluster, else a local Ray of ``num_cpus`` started
-    and shut down here. Raises :class:`DataError` for a wrong input, naming the file and line.
+    ``out_dir`` is a local path or a URI (``s3://bucket/data``); the corpus files are local. The
+    units are tokenized by ``map_units`` (default :func:`map_in_process`; the shards are the same
+    byte for byte whatever runs them). Raises :class:`DataError` for a wrong input, naming the file and line.
     """
     config = config or PrepareConfig()
     config.validate()
@@ -503,8 +481,7 @@ def prepare_dataset(
     tokenizer, eos_id, source = _load_tokenizer(config, pieces)
     units = _units(pieces)
     logger.info("tokenizing %d bytes of %d files in %d units", corpus["bytes"], corpus["files"], len(units))
-    with ray_session(num_cpus):
-        stream, doc_tokens, chars = _tokenize(units, tokenizer, eos_id, config, progress)
+    stream, doc_tokens, chars = _tokenize(units, tokenizer, eos_id, config, progress, map_units or map_in_process)
     if chars == 0:
         raise DataError(_empty_corpus_message(pieces))
     seq_len = config.seq_len

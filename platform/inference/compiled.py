@@ -106,9 +106,9 @@ class CompiledLocalRunner(LocalRunner):
     def _pad(self, batch: StepBatch, logit_rows: torch.Tensor, hidden: torch.Tensor | None = None) -> list:
         """The step's tensors padded to the graph's canonical form, so that one graph serves every step.
 
-        Rows and logit rows are padded to at least 2 (a size of 1 would be specialized into a graph
-        of its own), keys to a whole number of cache blocks. A padding row is token 0 at position 0
-        writing and reading slot 0 (the padding block, never read by a real row)."""
+        Rows, logit rows and block-table columns are padded to at least 2 (a size of 1 would be
+        specialized into a graph of its own), keys to a whole number of cache blocks. A padding row is
+        token 0 at position 0 writing and reading slot 0 (the padding block, never read by a real row)."""
         N, T = batch.num_rows, batch.key_slots.shape[1]
         n = max(N, 2)
         t = max(-(-T // self.block_size) * self.block_size, 2)
@@ -119,13 +119,16 @@ class CompiledLocalRunner(LocalRunner):
             out[:N] = x
             return out
 
+        max_blocks = batch.block_table.shape[1]
+        block_table = torch.zeros(n, max(max_blocks, 2), dtype=torch.int32, device=device)
+        block_table[:N, :max_blocks] = batch.block_table
         key_slots = torch.zeros(n, t, dtype=torch.long, device=device)
         key_slots[:N, :T] = batch.key_slots
         key_valid = torch.zeros(n, t, dtype=torch.bool, device=device)
         key_valid[:, 0] = True
         key_valid[:N, :T] = batch.key_valid
         inputs = [rows(batch.tokens), rows(batch.positions), rows(batch.slots), key_slots, key_valid,
-                  rows(batch.block_table), rows(batch.seq_lens, fill=1)]  # fmt: skip
+                  block_table, rows(batch.seq_lens, fill=1)]  # fmt: skip
         if hidden is not None:
             inputs.append(rows(hidden))
         L = logit_rows.shape[0]

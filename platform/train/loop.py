@@ -158,7 +158,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
     boundary = getattr(trainer, "at_step_boundary", None)  # the elastic graph grows or resizes between steps
 
     def checkpoint() -> str:
-        state = {"loader": loader.state_dict(), "config": config_to_dict(cfg), "mlflow_run_id": tracker.run_id}
+        state = {"loader": loader.state_dict(), "mlflow_run_id": tracker.run_id}  # the trainer adds its config
         return trainer.save_checkpoint(ckpt_root, state, extra)
 
     losses: dict[int, float] = {}

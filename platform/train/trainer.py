@@ -27,7 +27,7 @@ from raymoe.platform.checkpoint.sharded import (
     set_rng_state,
     write_part,
 )
-from raymoe.platform.config import RaymoeConfig, model_config_to_hf
+from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
 from raymoe.platform.train.optim import build_optimizer, cosine_lr, set_lr
@@ -230,6 +230,7 @@ class LocalTrainer:
             "trainer": self.kind,
             "parallel": {"dp": 1, "pp": 1, "ep": 1},
             "biases": self.biases().tolist(),
+            "config": config_to_dict(self.cfg),
             **state,
         }
         parts = lambda d: [write_part(d, COLOCATED_FILE, self.state_tensors())]  # noqa: E731

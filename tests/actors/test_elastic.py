@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raymoe.platform.checkpoint.sharded import latest_checkpoint_uri
+from raymoe.actors.trainers import build_trainer
+from raymoe.platform.checkpoint.layout import latest_checkpoint
+from raymoe.platform.checkpoint.reader import load_model
 from raymoe.platform.config import load_config
 from raymoe.platform.train.loop import SAMPLES_FILE, pretrain
 
@@ -22,9 +24,12 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 def _final_state(result) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    from raymoe.platform.checkpoint.training import load_training_model
+    return load_model(str(result.checkpoint)).state_dict()
 
-    return load_training_model(str(result.checkpoint))[0].state_dict()
+
+def _graph(cfg, output: Path):  # noqa: ANN001, ANN202
+    """The graph trainer of ``cfg`` (elastic), built when ``pretrain`` has checked the data."""
+    return lambda: build_trainer(cfg, "graph", str(output))
 
 
 def _samples(output: Path) -> list[dict]:
@@ -37,7 +42,13 @@ def test_shrink_when_a_shard_cannot_be_replaced_then_grow_back(tiny_data: Path, 
     import ray
 
     steps = ["train.steps=12", "train.checkpoint_every=2", "parallel.ep=2", "parallel.num_cpus_per_actor=0.5"]
-    reference = pretrain(_cfg(tmp_path, *steps), tiny_data, tmp_path / "ref", progress=False, engine="graph")
+    reference = pretrain(
+        _cfg(tmp_path, *steps),
+        tiny_data,
+        tmp_path / "ref",
+        progress=False,
+        trainer=_graph(_cfg(tmp_path, *steps), tmp_path / "ref"),
+    )
     blocker = {}
 
     @ray.remote(num_cpus=1.0)
@@ -47,7 +58,7 @@ def test_shrink_when_a_shard_cannot_be_replaced_then_grow_back(tiny_data: Path, 
 
     def chaos(m) -> None:  # noqa: ANN001
         if m.step == 4 and "b" not in blocker:
-            graph = graph_engine["e"].graph
+            graph = elastic["e"].graph
             ray.kill(graph.shards[1])
             b = Blocker.remote()
             ray.get(b.ping.remote(), timeout=60)  # holds the freed CPU: with the stage's 0.5, room for one shard
@@ -58,18 +69,18 @@ def test_shrink_when_a_shard_cannot_be_replaced_then_grow_back(tiny_data: Path, 
     from raymoe.actors.elastic import ElasticGraph
 
     cfg = _cfg(tmp_path, *steps)
-    graph_engine = {"e": ElasticGraph(cfg, control_dir=tmp_path / "run")}
+    elastic = {"e": ElasticGraph(cfg, control_dir=tmp_path / "run", checkpoint_root=str(tmp_path / "run"))}
     layouts = []
     try:
-        result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False, engine=graph_engine["e"],
-                          on_step=lambda m: (layouts.append(graph_engine["e"].layout.ep), chaos(m)))  # fmt: skip
-        events = graph_engine["e"].events
+        result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False, trainer=elastic["e"],
+                          on_step=lambda m: (layouts.append(elastic["e"].layout.ep), chaos(m)))  # fmt: skip
+        events = elastic["e"].events
     finally:
-        graph_engine["e"].close()
+        elastic["e"].close()
         if "b" in blocker:
             ray.kill(blocker["b"])
     assert [e["kind"] for e in events] == ["failure", "resize"], events
-    assert "ExpertShard(1) died" in events[0]["cause"]
+    assert "Shard(1) died" in events[0]["cause"]
     assert 1 in layouts and layouts[-1] == 2  # shrank to one shard, grew back to two
     assert result.failures == 1 and len(result.recovery_s) == 1
     assert len(result.losses) == 12
@@ -87,27 +98,33 @@ def test_an_actor_killed_at_checkpoint_time_leaves_the_previous_checkpoint(tiny_
     from raymoe.actors.elastic import ElasticGraph
 
     steps = ["train.steps=6", "train.checkpoint_every=2", "parallel.pp=2", "parallel.ep=2"]
-    reference = pretrain(_cfg(tmp_path, *steps), tiny_data, tmp_path / "ref", progress=False, engine="graph")
+    reference = pretrain(
+        _cfg(tmp_path, *steps),
+        tiny_data,
+        tmp_path / "ref",
+        progress=False,
+        trainer=_graph(_cfg(tmp_path, *steps), tmp_path / "ref"),
+    )
     cfg = _cfg(tmp_path, *steps)
-    engine = ElasticGraph(cfg)
+    trainer = ElasticGraph(cfg, checkpoint_root=str(tmp_path / "run"))
     killed = []
 
     def kill_before_checkpoint(m) -> None:  # noqa: ANN001
         if m.step == 3 and not killed:  # step 4's checkpoint is written right after this step
             killed.append(1)
-            ray.kill(engine.graph.shards[0])
+            ray.kill(trainer.graph.shards[0])
 
     try:
-        result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False, engine=engine,
+        result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False, trainer=trainer,
                           on_step=kill_before_checkpoint)  # fmt: skip
-        assert engine.events[0]["kind"] == "failure" and "writing a checkpoint" in engine.events[0]["cause"]
+        assert trainer.events[0]["kind"] == "failure" and "writing a checkpoint" in trainer.events[0]["cause"]
     finally:
-        engine.close()
+        trainer.close()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step_00000002", "step_00000004", "step_00000006"]  # step 4 written again after recovery
     a, b = _final_state(result), _final_state(reference)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    assert latest_checkpoint_uri(str(tmp_path / "run")).endswith("step_00000006")
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("step_00000006")
 
 
 def test_resize_request_and_a_hung_actor(tiny_data: Path, tmp_path: Path, ray_local) -> None:
@@ -123,26 +140,32 @@ def test_resize_request_and_a_hung_actor(tiny_data: Path, tmp_path: Path, ray_lo
     from raymoe.actors.elastic import ElasticGraph
 
     steps = ["train.steps=8", "train.checkpoint_every=2", "parallel.ep=3", "parallel.timeout_s=4"]
-    reference = pretrain(_cfg(tmp_path, *steps), tiny_data, tmp_path / "ref", progress=False, engine="graph")
+    reference = pretrain(
+        _cfg(tmp_path, *steps),
+        tiny_data,
+        tmp_path / "ref",
+        progress=False,
+        trainer=_graph(_cfg(tmp_path, *steps), tmp_path / "ref"),
+    )
     cfg = _cfg(tmp_path, *steps)
     out = tmp_path / "run"
     out.mkdir()
-    engine = ElasticGraph(cfg, control_dir=out)
+    trainer = ElasticGraph(cfg, control_dir=out, checkpoint_root=str(out))
     shards = []
 
     def act(m) -> None:  # noqa: ANN001
-        shards.append(engine.layout.ep)
+        shards.append(trainer.layout.ep)
         if m.step == 2:
             cmd = [sys.executable, "-m", "raymoe.pipelines.cli", "resize", "--output", str(out), "ep=2"]
             assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-        if m.step == 4 and not engine.events[1:]:  # once (not before a checkpoint: that waits long_timeout_s)
-            os.kill(engine.pids["ExpertShard(1)"], signal.SIGSTOP)  # hung, not dead
+        if m.step == 4 and not trainer.events[1:]:  # once (not before a checkpoint: that waits long_timeout_s)
+            os.kill(trainer.pids["Shard(1)"], signal.SIGSTOP)  # hung, not dead
 
     try:
-        result = pretrain(cfg, tiny_data, out, progress=False, engine=engine, on_step=act)
-        events = engine.events
+        result = pretrain(cfg, tiny_data, out, progress=False, trainer=trainer, on_step=act)
+        events = trainer.events
     finally:
-        engine.close()
+        trainer.close()
     assert shards[:3] == [3, 3, 3] and set(shards[3:]) == {2}  # step 4 ran twice: before and after the hang
     assert [e["kind"] for e in events] == ["resize", "failure"]
     assert "longer than parallel.timeout_s=4" in events[1]["cause"]
@@ -158,7 +181,7 @@ def test_resize_request_and_a_hung_actor(tiny_data: Path, tmp_path: Path, ray_lo
 
 @pytest.mark.slow
 def test_chaos_run_equals_an_undisturbed_one(tiny_data: Path, tmp_path: Path, ray_local) -> None:
-    """30 steps, a checkpoint every 5: SIGKILL an ExpertShard at step 7, an AttentionStage at step 17 (by the
+    """30 steps, a checkpoint every 5: SIGKILL a Shard at step 7, a Stage at step 17 (by the
     process ids Ray reports) and the driver process after step 22, then resume it: the final parameters and
     biases equal those of an undisturbed run, and every sample was used once."""
     import os
@@ -168,7 +191,13 @@ def test_chaos_run_equals_an_undisturbed_one(tiny_data: Path, tmp_path: Path, ra
     import sys
 
     args = ["train.steps=30", "train.checkpoint_every=5", "parallel.pp=2", "parallel.ep=2", "train.log_every=1"]
-    reference = pretrain(_cfg(tmp_path, *args), tiny_data, tmp_path / "ref", progress=False, engine="graph")
+    reference = pretrain(
+        _cfg(tmp_path, *args),
+        tiny_data,
+        tmp_path / "ref",
+        progress=False,
+        trainer=_graph(_cfg(tmp_path, *args), tmp_path / "ref"),
+    )
     out = tmp_path / "chaos"
     cmd = [sys.executable, "-m", "raymoe.pipelines.pretrain", "tiny", "--data", str(tiny_data), "--output", str(out),
            "--no-progress", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "train.eval_every=0",
@@ -198,13 +227,13 @@ def test_chaos_run_equals_an_undisturbed_one(tiny_data: Path, tmp_path: Path, ra
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-    code, lines = run([], {7: "ExpertShard", 17: "AttentionStage(replica 0, stage 1)", 22: "driver"})
+    code, lines = run([], {7: "Shard", 17: "Stage(replica 0, stage 1)", 22: "driver"})
     assert code == -signal.SIGKILL, "".join(lines[-20:])
     assert sum("actor graph failure" in line for line in lines) == 2, "".join(lines[-40:])
-    assert latest_checkpoint_uri(str(out)).endswith("step_00000020")
+    assert latest_checkpoint(str(out)).endswith("step_00000020")
     code, lines = run(["--resume"], {})
     assert code == 0, "".join(lines[-30:])
-    a, b = _final_state(type("R", (), {"checkpoint": latest_checkpoint_uri(str(out))})), _final_state(reference)
+    a, b = _final_state(type("R", (), {"checkpoint": latest_checkpoint(str(out))})), _final_state(reference)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, worst  # biases included (gate.e_score_correction_bias)

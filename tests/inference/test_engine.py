@@ -1,4 +1,4 @@
-"""The serving engine in one process: equivalence with the model and with ``generate``, continuous
+"""The serving engine in one process: equivalence with the model's own forward, continuous
 batching, chunked prefill, MTP speculative decoding, sampling, limits and failures."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 
-from raymoe.platform.generate import generate
 from raymoe.platform.inference.batch import SeqRun, build_step
 from raymoe.platform.inference.engine import (
     Engine,
@@ -23,6 +22,7 @@ from raymoe.platform.inference.runner import LocalRunner, cache_blocks
 from raymoe.platform.inference.sampling import SamplingParams, accept_draft, probabilities
 
 from .conftest import tiny_model
+from conftest import greedy_by_recompute
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -60,13 +60,18 @@ def test_step_logits_equal_the_models_forward(model) -> None:
 
 def test_mtp_logits_equal_the_training_path(model) -> None:
     """The MTP module over the cache predicts what the training loss's MTP branch predicts."""
+    from raymoe.platform.model.attention import CausalAttention
+    from raymoe.platform.model.forward import drive, head, local_experts, main_program, mtp_program
+
     ids = torch.tensor(prompts(4)[3])
     S = ids.shape[0]
-    h, _ = model.hidden(ids[None])
-    module = model.model.mtp[0]
-    cos, sin = model.positions(0, S, ids.device)
-    h1, _ = module(module.combine(h, model.model.embed_tokens(torch.roll(ids, -1)[None])), cos, sin)
-    ref = model.lm_head(module.shared_head.norm(h1))[0, : S - 1].float()  # position i sees token i+1
+    ctx = CausalAttention.of(1, S)
+    with torch.no_grad():
+        h = drive(main_program(model, ctx, tokens=ids), local_experts(model))
+        module = model.mtp_modules()[0]
+        emb = model.model.embed_tokens(torch.roll(ids, -1))
+        h1 = drive(mtp_program(module, model, h, emb, ctx), local_experts(model))
+        ref = head(model, h1, module.shared_head.norm)[: S - 1]  # position i sees token i+1
 
     runner = LocalRunner(model, cache_blocks(64, 8), 8)
     blocks = [1, 2, 3, 4, 5]
@@ -79,9 +84,9 @@ def test_mtp_logits_equal_the_training_path(model) -> None:
 
 @pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("prefill_chunk", [512, 7])
-def test_greedy_equals_generate(model, speculative: bool, prefill_chunk: int) -> None:
+def test_greedy_equals_full_recompute(model, speculative: bool, prefill_chunk: int) -> None:
     ps = prompts(5)
-    ref = [generate(model, [p], GREEDY.max_tokens)[0] for p in ps]
+    ref = greedy_by_recompute(model, ps, GREEDY.max_tokens)
     engine = make_engine(model, speculative=speculative, prefill_chunk=prefill_chunk)
     assert engine.speculative == speculative
     out = run_to_completion(engine, ps, [GREEDY] * len(ps))
@@ -131,15 +136,14 @@ def test_speculative_identical_under_batching_and_chunking(model) -> None:
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):  # noqa: ANN001, ANN201
     """The tiny preset trained briefly (MTP on), so that its drafts are often right."""
-    from raymoe.platform.checkpoint.training import load_training_model
+    from raymoe.platform.checkpoint.reader import load_model
     from raymoe.platform.config import load_config
-    from raymoe.platform.generate import prepare_for_inference
     from raymoe.platform.train.loop import pretrain
 
     cfg = load_config("tiny", ["train.steps=60", "train.lr=3e-3", "train.eval_every=0", "tracking.enabled=false"])
     out = tmp_path_factory.mktemp("trained")
-    pretrain(cfg, tiny_data, out, progress=False, engine="local")
-    return prepare_for_inference(load_training_model(str(out))[0], torch.float32)
+    pretrain(cfg, tiny_data, out, progress=False)  # the local trainer
+    return load_model(str(out))
 
 
 def test_drafts_do_not_depend_on_the_batch(trained) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from raymoe.platform.config import load_config
 from raymoe.platform.model import Gate, MoE, route, sequence_balance_loss
-from raymoe.platform.train.balance import bias_delta, collect_loads, gamma_at, max_violation
+from raymoe.platform.train.balance import LoadCounter, bias_delta, gamma_at, max_violation
 from raymoe.platform.train.trainer import LocalTrainer
 
 from conftest import tiny_variant
@@ -73,15 +73,16 @@ def test_update_uses_the_whole_steps_loads() -> None:
     ids = torch.randint(0, cfg.model.vocab_size, (4, 17))
     micro = [(ids[:2, :-1], ids[:2, 1:]), (ids[2:, :-1], ids[2:, 1:])]
     per_micro = []
+    counter = LoadCounter(list(probe.moe_by_layer()), cfg.model.n_routed_experts)
     with torch.no_grad():
         for input_ids, labels in micro:
-            probe.loss(input_ids, labels, mtp_lambda=cfg.train.mtp_lambda)
-            per_micro.append(collect_loads(probe.moe_layers()))
-    assert probe.moe_layers()[0].tokens_per_expert.sum() == 0  # collecting resets the counts
+            probe.loss(input_ids, labels, mtp_lambda=cfg.train.mtp_lambda, hooks=counter)
+            per_micro.append(counter.loads())
+            counter.reset()
     total = per_micro[0] + per_micro[1]
-    before = torch.stack([m.gate.e_score_correction_bias.clone() for m in trainer.moe_layers])
+    before = torch.stack([g.e_score_correction_bias.clone() for g in trainer.gates])
     metrics = trainer.train_step(micro)
-    after = torch.stack([m.gate.e_score_correction_bias for m in trainer.moe_layers])
+    after = torch.stack([g.e_score_correction_bias for g in trainer.gates])
     assert torch.equal(metrics.loads, total)
     assert torch.allclose(after - before, bias_delta(total, 0.01))
     # applied per micro-batch, the rule would have given something else
@@ -100,11 +101,11 @@ def test_train_step_counts_every_micro_batch_and_the_mtp_layers() -> None:
     assert torch.equal(metrics.loads.sum(dim=1), torch.full((n_moe,), 4 * 8 * cfg.model.num_experts_per_tok * 1.0))
     # the biases moved by exactly gamma·sign(mean − load)
     expected = bias_delta(metrics.loads, 0.01)
-    got = torch.stack([m.gate.e_score_correction_bias for m in trainer.moe_layers])
+    got = torch.stack([g.e_score_correction_bias for g in trainer.gates])
     assert torch.allclose(got, expected)
     # biases are buffers: no gradient, not in the optimizer
     params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert all(id(m.gate.e_score_correction_bias) not in params for m in trainer.moe_layers)
+    assert all(id(g.e_score_correction_bias) not in params for g in trainer.gates)
 
 
 def test_gamma_schedule() -> None:
@@ -135,7 +136,7 @@ def test_seq_aux_loss_reaches_the_total_loss() -> None:
     m = trainer.train_step([(ids[:, :-1], ids[:, 1:])])
     assert m.aux_loss is not None and m.aux_loss > 0
     assert abs(m.loss - (m.main_loss + cfg.train.mtp_lambda * m.mtp_loss + m.aux_loss)) < 1e-4
-    assert all(isinstance(x, MoE) for x in trainer.moe_layers)
+    assert all(isinstance(x, MoE) for x in trainer.model.moe_layers())
 
 
 def test_router_state_stays_float32_when_the_model_is_cast() -> None:
@@ -145,7 +146,6 @@ def test_router_state_stays_float32_when_the_model_is_cast() -> None:
     for moe in model.moe_layers():
         assert moe.gate.weight.dtype == torch.float32
         assert moe.gate.e_score_correction_bias.dtype == torch.float32
-        assert moe.tokens_per_expert.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -155,8 +155,9 @@ def test_loads_are_counted_in_training_and_evaluation_only() -> None:
     ids = torch.randint(0, cfg.model.vocab_size, (2, 9))
     trainer.model.eval()
     with torch.no_grad():
-        trainer.model(ids)  # inference: not counted
-    assert collect_loads(trainer.moe_layers).sum() == 0
+        trainer.model(ids)  # inference: no hooks, nothing counted, the biases do not move
+    before = trainer.biases()
     loss, vio = trainer.evaluate([(ids[:, :-1], ids[:, 1:])])
+    assert torch.equal(trainer.biases(), before)  # evaluation measures the balance, it does not update it
     assert loss > 0 and vio.shape == (cfg.model.num_moe_layers,)
     assert (vio > 0).all()

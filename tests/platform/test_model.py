@@ -65,6 +65,33 @@ def test_bias_changes_logits_like_transformers() -> None:
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= HF_ATOL
 
 
+BLOCK = 4
+
+
+def _paged_logits(model: DeepseekV3, ids: torch.Tensor, chunks: list[int], naive_min_run: int) -> torch.Tensor:
+    """Logits [B, T, V] of ids [B, T] fed to the serving runner's paged cache in ``chunks`` of tokens.
+
+    Each sequence's blocks are handed out in reverse order, so the block tables are not the identity."""
+    from raymoe.platform.inference.batch import SeqRun, build_step
+    from raymoe.platform.inference.runner import LocalRunner
+
+    B, T = ids.shape
+    per_seq = -(-T // BLOCK)
+    runner = LocalRunner(model, B * per_seq + 1, BLOCK)
+    blocks = [list(range(1 + b * per_seq, 1 + (b + 1) * per_seq))[::-1] for b in range(B)]
+    outs, start = [], 0
+    for n in chunks:
+        runs = [SeqRun(ids[b, start : start + n].tolist(), start, blocks[b]) for b in range(B)]
+        batch = build_step(runs, BLOCK, naive_min_run)
+        logits, _ = runner.main(batch, torch.arange(batch.num_rows))
+        outs.append(logits.view(B, n, -1))
+        start += n
+    return torch.cat(outs, dim=1)
+
+
+NAIVE, ABSORBED = 1, 1 << 30  # naive_min_run: every run naive, or every run absorbed
+
+
 @pytest.mark.parametrize("yarn", [False, True])
 def test_absorbed_equals_naive_prefill_and_decode(yarn: bool) -> None:
     extra = {
@@ -76,23 +103,17 @@ def test_absorbed_equals_naive_prefill_and_decode(yarn: bool) -> None:
     model.init_weights(torch.Generator().manual_seed(3))
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
-        reference = model(ids)  # naive, no cache
-        # prefill through the absorbed path
-        cache = model.new_cache(2, 40)
-        absorbed = model(ids, cache=cache, absorbed=True)
-        assert (absorbed - reference).abs().max().item() <= ABSORBED_ATOL
-        # prefill 25 tokens (naive), then decode the rest one token at a time (absorbed)
-        cache = model.new_cache(2, 40)
-        steps = [model(ids[:, :25], cache=cache)]
-        for t in range(25, 40):
-            steps.append(model(ids[:, t : t + 1], cache=cache))
-        assert cache.length == 40
-        assert (torch.cat(steps, dim=1) - reference).abs().max().item() <= ABSORBED_ATOL
-        # a chunk of several tokens on a warm cache (absorbed, causal within the chunk)
-        cache = model.new_cache(2, 40)
-        model(ids[:, :10], cache=cache)
-        chunk = model(ids[:, 10:40], cache=cache)
-        assert (chunk - reference[:, 10:]).abs().max().item() <= ABSORBED_ATOL
+        reference = model(ids)  # the training forward: naive, whole sequences, no cache
+    # the whole prompt at once through the paged cache, by each path
+    for path in (NAIVE, ABSORBED):
+        assert (_paged_logits(model, ids, [40], path) - reference).abs().max().item() <= ABSORBED_ATOL
+    # prefill 25 tokens (naive), then decode the rest one token at a time (absorbed)
+    decoded = _paged_logits(model, ids, [25] + [1] * 15, naive_min_run=2)
+    assert (decoded - reference).abs().max().item() <= ABSORBED_ATOL
+    # a chunk of several tokens on a warm cache, causal within the chunk, by each path
+    for path in (NAIVE, ABSORBED):
+        chunked = _paged_logits(model, ids, [10, 30], path)
+        assert (chunked - reference).abs().max().item() <= ABSORBED_ATOL
 
 
 def test_absorbed_equals_naive_float32() -> None:
@@ -102,18 +123,27 @@ def test_absorbed_equals_naive_float32() -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, 16))
     with torch.no_grad():
         reference = model(ids)
-        cache = model.new_cache(1, 16)
-        model(ids[:, :8], cache=cache)
-        out = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(8, 16)], dim=1)
-    assert (out - reference[:, 8:]).abs().max().item() <= ABSORBED_ATOL
+    out = _paged_logits(model, ids, [8] + [1] * 8, naive_min_run=2)
+    assert (out - reference).abs().max().item() <= ABSORBED_ATOL
+
+
+def test_naive_min_run_follows_the_flop_count() -> None:
+    from raymoe.platform.config import load_config
+    from raymoe.platform.model.attention import naive_min_run
+
+    # S·(2C − dn − dv) > C·(dn + dv): 43 on the bench preset (C 128, dn = dv = 32), 171 on DeepSeek-V3
+    assert naive_min_run(load_config("bench").model) == 43
+    assert naive_min_run(load_config("deepseek-v3").model) == 171
 
 
 def test_cache_holds_latent_only() -> None:
+    from raymoe.platform.inference.runner import LocalRunner
+
     cfg = tiny_variant()
-    model = DeepseekV3(cfg)
-    cache = model.new_cache(1, 10)
+    model = DeepseekV3(cfg).eval()
+    runner = LocalRunner(model, num_blocks=3, block_size=BLOCK)
     per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.num_cache_layers * 4
-    assert cache.bytes_per_token == per_token
+    assert runner.cache.bytes == 3 * BLOCK * per_token
 
 
 def test_position_limit_is_an_error() -> None:
@@ -132,14 +162,17 @@ def test_mtp_loss_predicts_the_token_after_next() -> None:
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = torch.randint(0, cfg.vocab_size, (2, 16))
     out = model.loss(ids, labels, mtp_lambda=0.3)
+    from raymoe.platform.model.attention import CausalAttention
+    from raymoe.platform.model.forward import drive, head, local_experts, main_program, mtp_program
+
     with torch.no_grad():
-        h, _ = model.hidden(ids)
-        module = model.model.mtp[0]
-        cos, sin = model.positions(0, 15, ids.device)
-        x = module.combine(h[:, :15], model.model.embed_tokens(labels[:, :15]))
-        h1, _ = module(x, cos, sin)
-        logits = model.lm_head(module.shared_head.norm(h1))
-        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+        h = drive(main_program(model, CausalAttention.of(2, 16), tokens=ids.reshape(-1)), local_experts(model))
+        h_prev = h.view(2, 16, -1)[:, :15].reshape(30, -1)
+        module = model.mtp_modules()[0]
+        emb = model.model.embed_tokens(labels[:, :15]).reshape(30, -1)
+        h1 = drive(mtp_program(module, model, h_prev, emb, CausalAttention.of(2, 15)), local_experts(model))
+        logits = head(model, h1, module.shared_head.norm)
+        expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
     assert torch.allclose(out.mtp_loss, expected, atol=1e-6)
     assert torch.allclose(out.loss, out.main_loss + 0.3 * out.mtp_loss)
     assert out.tokens == labels.numel()
@@ -168,4 +201,15 @@ def test_expert_paths_agree() -> None:
         grouped = experts(x, idx, w)
     assert ((grouped.float() - reference).norm() / reference.norm()) < 2e-2  # bf16 rounding
     with torch.no_grad():
-        assert (experts(x[5:6], idx[5:6], w[5:6]) - reference[5:6]).abs().max() < 1e-5
+        assert (experts(x[5:6], idx[5:6], w[5:6]) - reference[5:6]).abs().max() < 1e-5  # one token, no sort
+        assert (experts._gathered(x, idx, w) - reference).abs().max() < 1e-5  # what torch.compile runs
+    # an expert shard's buffer: choices of experts held elsewhere are -1 (and skipped)
+    partial = idx.clone()
+    partial[:, 2] = -1
+    ref_partial = reference.clone()
+    for n in range(37):
+        gate, up = (x[n] @ experts.gate_up_proj[idx[n, 2]].T).chunk(2)
+        ref_partial[n] -= w[n, 2] * ((torch.nn.functional.silu(gate) * up) @ experts.down_proj[idx[n, 2]].T)
+    assert (experts(x, partial, w, partial=True) - ref_partial).abs().max() < 1e-5
+    none_here = torch.full_like(idx, -1)
+    assert torch.equal(experts(x, none_here, w, partial=True), torch.zeros_like(x))
