@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmarks_dir = "raymoe.pipelines.benchmarks"
     _register_module(benchmarks, "serve", f"{benchmarks_dir}.serve_bench", "serving: decode, HTTP streams, MTP")
     _register_module(benchmarks, "kernels", f"{benchmarks_dir}.kernel_bench", "Triton kernels against torch (GPU)")
+    _register_module(benchmarks, "attention", f"{benchmarks_dir}.attention_bench",
+                     "naive against absorbed MLA over the paged cache, per run length")  # fmt: skip
 
 
 def _register_module(benchmarks: argparse._SubParsersAction, name: str, module: str, help: str) -> None:

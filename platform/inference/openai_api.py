@@ -23,7 +23,6 @@ from typing import Any
 from raymoe.platform.inference.sampling import SamplingError, SamplingParams
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
-IGNORED_FIELDS = {"user", "logit_bias", "metadata", "store", "parallel_tool_calls", "service_tier", "suffix"}
 
 
 class APIError(Exception):
