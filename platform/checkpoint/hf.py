@@ -231,6 +231,11 @@ class HFCheckpoint:
     def has(self, name: str) -> bool:
         return name in self.pieces
 
+    def describe(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, the file that holds it) of our tensor ``name``, from the headers (checked at open)."""
+        pieces = self.pieces[name]
+        return self.expected[name], ", ".join(sorted({p.source.file for p in pieces}))
+
     def _plan(self, quantized: bool) -> dict[str, list[_Piece]]:
         """Match every expected tensor to checkpoint tensors; one CheckpointError listing every problem."""
         cfg, tensors, where = self.model_config, self.headers, self._listing_file()
@@ -246,11 +251,11 @@ class HFCheckpoint:
                     problems.append(f"tensor {src_name} {list(src_shape)} is missing from {where}")
                     continue
                 full_shape = src_shape if row is None else (info.shape[0], *src_shape)
+                used.add(src_name)  # found: a wrong shape is one problem, not also an unexpected tensor
                 if info.shape != full_shape or (row is not None and row >= info.shape[0]):
                     problems.append(f"tensor {src_name} in {info.file} has shape {list(info.shape)}, "
                                     f"expected {list(full_shape)}")  # fmt: skip
                     continue
-                used.add(src_name)
                 scale = None
                 if info.dtype == _FP8_DTYPE:
                     scale = tensors.get(src_name + SCALE_SUFFIX)

@@ -77,6 +77,15 @@ def load_into(
         raise CheckpointError(f"checkpoint {reader.location} has no tensor {missing[0]}{more}")
     absent_set = set(absent)
     present = [w for w in wanted if w[0] not in absent_set]
+    wrong = []
+    for name, target, row in present:  # every shape from the headers, before any data is read or copied
+        shape, file = reader.describe(name)
+        dest = targets[target] if row is None else targets[target][row]
+        if tuple(shape) != tuple(dest.shape):
+            wrong.append(f"tensor {name} in {file} has shape {list(shape)}, the model's {list(dest.shape)}")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"checkpoint {reader.location} does not fit the model: {wrong[0]}{more}")
     batch: list[tuple[str, str, int | None]] = []
     size = 0
     for item in present:

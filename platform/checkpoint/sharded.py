@@ -228,6 +228,10 @@ class TrainingCheckpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def describe(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, the file that holds it) of tensor ``name``, from its file's header."""
+        return self.info(name).shape, self.weight_map[name]
+
     def info(self, name: str) -> Any:
         """The :class:`~raymoe.platform.checkpoint.tensorfile.TensorInfo` of ``name`` (a header is read once)."""
         return self._file(self.weight_map[name]).tensors[name]

@@ -488,6 +488,7 @@ def test_every_problem_is_listed_in_one_error(tmp_path: Path) -> None:
         HFCheckpoint(str(ckpt))
 
     message = str(err.value)
+    assert "(3 problems)" in message  # a reshaped tensor is one problem, not also an unexpected one
     assert f"model.layers.3.eh_proj.weight in {reshaped_in}" in message
     assert f"{MISSING} [32, 64] is missing" in message
     assert f"model.layers.1.mlp.experts.8.gate_proj.weight [32, 64] in {extra_in}" in message
@@ -648,6 +649,19 @@ def test_bad_training_checkpoints_are_named_before_anything_is_copied(tmp_path: 
     (path / SHARDS_FILE).write_text(json.dumps(index))
 
     with pytest.raises(CheckpointError, match=f"checkpoint {path} has no tensor {removed}"):
+        target.load_checkpoint(str(path))
+    _assert_same_state(target.state_tensors(), before)
+
+    # a tensor of the wrong shape: named with its file, from the headers, before anything is copied
+    from raymoe.platform.checkpoint.tensorfile import TensorFile, write_tensors
+
+    index["weight_map"][removed] = COLOCATED_FILE
+    (path / SHARDS_FILE).write_text(json.dumps(index))
+    part = TensorFile(str(path / COLOCATED_FILE))
+    tensors = {k: v.clone() for k, v in part.read(list(part.tensors)).items()}
+    tensors["model.norm.weight"] = torch.zeros(63)  # the model's is [64]
+    write_tensors(str(path / COLOCATED_FILE), tensors)
+    with pytest.raises(CheckpointError, match=rf"model.norm.weight in {COLOCATED_FILE} has shape \[63\]"):
         target.load_checkpoint(str(path))
     _assert_same_state(target.state_tensors(), before)
 
