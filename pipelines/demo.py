@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from raymoe.platform.checkpoint.layout import CHECKPOINTS_DIR
 from raymoe.platform.config import load_config
 
 DEMO_PROMPT = "def fibonacci(n):\n    "
@@ -46,7 +47,7 @@ def _main(args: argparse.Namespace) -> int:
           f"{cfg.train.seq_len} tokens in {cfg.train.dtype} on the actor graph (dp={cfg.parallel.dp}, "
           f"pp={cfg.parallel.pp}, ep={cfg.parallel.ep}: {cfg.parallel.dp * cfg.parallel.pp} attention stages, "
           f"{cfg.parallel.ep} expert shards, on a local Ray), tracked in MLflow")  # fmt: skip
-    stale = output / "checkpoints"
+    stale = output / CHECKPOINTS_DIR
     if stale.is_dir():  # the demo starts afresh: an earlier demo's checkpoints would mislead --resume
         shutil.rmtree(stale)
     result = pretrain(cfg, data_dir, output, run_name="demo",

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from raymoe.platform.checkpoint.layout import CONFIG_FILE
 from raymoe.platform.config import ConfigError, ModelConfig, load_config, model_config_from_hf, validate_model
 
 BF16_BYTES = 2
@@ -326,7 +327,7 @@ def resolve_model_config(source: str, overrides: list[str] | None = None) -> Mod
     (any section for a preset or YAML; only ``model.*`` for a Hugging Face config).
     """
     path = Path(source)
-    hf_json = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else None
+    hf_json = path / CONFIG_FILE if path.is_dir() else path if path.suffix == ".json" else None
     if hf_json is None:
         return load_config(source, overrides).model
     if not hf_json.is_file():

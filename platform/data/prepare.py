@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymoe.platform import storage
+from raymoe.platform.checkpoint.layout import TOKENIZER_CONFIG_FILE
 from raymoe.platform.data.corpus import SPECIAL_TOKENS, stdlib_files, train_tokenizer
 from raymoe.platform.data.shards import (
     TOKEN_DTYPE,
@@ -309,7 +310,7 @@ def read_piece(piece: Piece, text_field: str = "text", text_column: str = "text"
 def _find_eos(tokenizer: Any, source: Path, eos_token: str | None) -> int:
     """The EOS id: ``eos_token``, else ``tokenizer_config.json``'s beside ``source``, else a known name."""
     names = [eos_token] if eos_token else []
-    config_path = source.parent / "tokenizer_config.json"
+    config_path = source.parent / TOKENIZER_CONFIG_FILE
     if not names and config_path.is_file():
         with contextlib.suppress(OSError, ValueError):
             eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")

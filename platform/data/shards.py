@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 import torch
 
 from raymoe.platform import storage
+from raymoe.platform.checkpoint.layout import TOKENIZER_FILE  # one name for checkpoints and prepared data
 
 MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
 FORMAT_NAME = "raymoe-token-shards"
 FORMAT_VERSION = 1
 TOKEN_COLUMN = "input_ids"
