@@ -146,7 +146,7 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class ElasticConfig:
-    """What the actor graph does when actors die or resources change (graph engine only)."""
+    """What the actor graph does when actors die or resources change (the graph trainer only)."""
 
     enabled: bool = True  # recover from failures; False: the first failure ends the run
     max_failures: int = 3  # failures tolerated within window_s (then the run fails)

@@ -362,7 +362,7 @@ def run_row(
     batches = micro_batches(input_ids, labels, opts.micro_batches)
     row: dict[str, Any] = {
         "label": layout_label(layout),
-        "engine": LOCAL if layout is None else GRAPH,
+        "trainer": LOCAL if layout is None else GRAPH,
         "dp": None if layout is None else layout[0],
         "pp": None if layout is None else layout[1],
         "ep": None if layout is None else layout[2],
@@ -441,11 +441,11 @@ def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] |
     finally:
         if started:
             ray.shutdown()
-    local = next((r for r in rows if r["engine"] == LOCAL and not r["error"]), None)
+    local = next((r for r in rows if r["trainer"] == LOCAL and not r["error"]), None)
     for r in rows:
         r["x_local"] = r["step_s"] / local["step_s"] if local and not r["error"] else None
         layout = (r["dp"], r["pp"], r["ep"])
-        r["goal_x_local"] = GOALS.get(layout) if r["engine"] == GRAPH else None
+        r["goal_x_local"] = GOALS.get(layout) if r["trainer"] == GRAPH else None
         r["goal_met"] = r["x_local"] <= r["goal_x_local"] if r["goal_x_local"] and r["x_local"] else None
     losses = [r["first_loss"] for r in rows if not r["error"]]
     return {
@@ -482,7 +482,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned columns, with a footnote defining the split."""
-    header = ("engine", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
+    header = ("trainer", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
               "Σ compute", "Σ CPU", "cores", "others", "submit", "wait", "update", "loss@0")  # fmt: skip
     rows = []
     for r in report["rows"]:
