@@ -121,9 +121,6 @@ class GraphTrainer:
     def actors(self) -> list:
         return [a for row in self.stages for a in row] + list(self.shards)
 
-    def actor_labels(self) -> list[str]:
-        return list(self.rt.labels)
-
     def actor_keys(self) -> list[str]:
         """Short names of the actors for metrics: ``stage_r0_s1``, ``shard_2`` (``colocated``)."""
         if self.colocated:

@@ -104,12 +104,6 @@ class Runtime:
         """The values of ``refs`` within the timeout; a GraphError naming the actor at fault otherwise."""
         return refs
 
-    def label_of(self, actor: Any) -> str:
-        for a, label in zip(self.actors, self.labels):
-            if a is actor:
-                return label
-        return "an actor"
-
     def settle(self, refs: list) -> None:
         """Wait (bounded) until ``refs`` finished, whatever their outcome (before cleaning up after a failure)."""
 

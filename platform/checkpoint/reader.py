@@ -12,7 +12,7 @@ meta device and fills it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ from raymoe.platform.checkpoint.layout import (
     is_stacked_expert,
     optimizer_name,
     resolve,
-    split_experts,
 )
 from raymoe.platform.checkpoint.sharded import TrainingCheckpoint
 
@@ -131,11 +130,3 @@ def load_model(
     model = DeepseekV3.empty(reader.model_config, seq_aux_alpha, layers, routed_experts, device=device, dtype=dtype)
     load_into(dict(model.state_dict()), reader)
     return model.eval()
-
-
-def checkpoint_tensors(model: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """A module's state dict in checkpoint names (routed experts one by one), optionally only ``names``."""
-    state = model.state_dict()
-    if names is not None:
-        state = {k: state[k] for k in names}
-    return split_experts(state)

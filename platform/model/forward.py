@@ -162,19 +162,6 @@ def block_end(block: Block, pending: _Pending, y: torch.Tensor, hooks: Hooks = N
 # block: torch.compile (2.13) loses the value a ``yield from`` returns, and these programs are compiled.
 
 
-def blocks_program(
-    blocks: list[Block], h: torch.Tensor, ctx: Attention, cos: torch.Tensor, sin: torch.Tensor, hooks: Hooks = NO_HOOKS
-) -> Program[torch.Tensor]:
-    """Decoder blocks (or an MTP module's block) over flat rows h [N, D] -> [N, D]."""
-    for block in blocks:
-        out, pending = block_begin(block, h, ctx, cos, sin, hooks)
-        if pending is not None:
-            y = yield pending.call
-            out = block_end(block, pending, y, hooks)
-        h = out
-    return h
-
-
 def main_program(
     part: DeepseekV3,
     ctx: Attention,
