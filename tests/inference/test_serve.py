@@ -2,7 +2,7 @@
 
 One Serve instance on the session's Ray, with three applications of the tiny checkpoint: the
 default limits at ``/``, a tiny queue at ``/small`` (one running sequence, two waiting), and an
-API key at ``/secure``.
+API key at ``/secure``. (``runner: graph`` replicas: test_serve_scaling.py, slow.)
 """
 
 from __future__ import annotations
@@ -260,6 +260,40 @@ def test_serve_config_is_the_builders_defaults() -> None:
     assert deployment == DEPLOYMENT_DEFAULTS
     with pytest.raises(ValueError, match="max_batchsize"):
         ServeArgs(checkpoint="x", max_batchsize=3)  # a typo in args is an error, not ignored
+
+
+def test_raymoe_serve_flags_become_the_apps_args(
+    monkeypatch: pytest.MonkeyPatch, served_checkpoint: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``raymoe serve --runner graph --pp 2 --ep 2`` (was ``--engine``); a wrong checkpoint fails before Ray starts."""
+    import types
+
+    from raymoe.pipelines import cli
+    from raymoe.pipelines import serve as serve_cli
+
+    started, bound = [], []
+    monkeypatch.setattr("raymoe.actors.runtime.ensure_ray", lambda: started.append("ray"))
+    monkeypatch.setattr(serve_cli.serve, "start", lambda **kw: started.append("serve"))
+    monkeypatch.setattr(serve_cli.serve, "run", lambda app, **kw: bound.append(app))
+    monkeypatch.setattr(serve_cli.serve, "shutdown", lambda: None)
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, at once
+
+    monkeypatch.setattr(serve_cli, "time", types.SimpleNamespace(sleep=interrupt))
+    argv = ["serve", "--checkpoint", str(served_checkpoint), "--dtype", "float32"]
+    assert cli.main([*argv, "--runner", "graph", "--pp", "2", "--ep", "2"]) == 0
+    (args,) = bound[0]._bound_deployment.init_args
+    assert (args.runner, args.parallel, args.dtype) == ("graph", {"pp": 2, "ep": 2}, "float32")
+    assert cli.main(argv) == 0
+    (args,) = bound[1]._bound_deployment.init_args
+    assert (args.runner, args.parallel) == ("local", {"pp": 1, "ep": 1})
+    assert started == ["ray", "serve"] * 2
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--engine", "graph"])
+    assert "unrecognized arguments: --engine graph" in capsys.readouterr().err
+    assert cli.main(["serve", "--checkpoint", str(Path(served_checkpoint).parent / "missing")]) == 2
+    assert "raymoe serve: checkpoint" in capsys.readouterr().err and len(started) == 4  # Ray never started
 
 
 def test_build_app_takes_the_checkpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,6 @@
-"""Serve's side of serving (slow): autoscaling 1 -> 2 -> 1 replicas under load, and a replica whose
-actor graph loses an actor ends its requests with an error and is replaced."""
+"""Serve's side of serving (slow): autoscaling 1 -> 2 -> 1 replicas under load; a replica with
+``runner: graph`` holds no weights (its actors hold them) and serves the local runner's text; one
+whose actor graph loses an actor ends its requests with an error and is replaced."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from raymoe.pipelines.serve import RaymoeServer, ServeArgs
 
@@ -67,35 +69,79 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_url: s
     serve.delete("auto")
 
 
-def test_a_replica_whose_actor_dies_errors_its_requests_and_is_replaced(serve_url: str, served_checkpoint: Path):
+@pytest.fixture(scope="module")
+def graph_url(serve_url: str, served_checkpoint: Path):  # noqa: ANN201
+    """An app of one replica with ``runner: graph``: 2 stages and 2 expert shards of its own."""
     from ray import serve
 
     app = RaymoeServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=1,
                                health_check_timeout_s=10)  # fmt: skip
-    args = ServeArgs(checkpoint=str(served_checkpoint), dtype="float32", engine="graph", parallel={"pp": 1, "ep": 2})
+    args = ServeArgs(checkpoint=str(served_checkpoint), dtype="float32", runner="graph", parallel={"pp": 2, "ep": 2})
     serve.run(app.bind(args), name="graph", route_prefix="/graph")
-    url = f"{serve_url}/graph"
-    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
-    first = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 8}, timeout=60).json()
-    old_pid = requests.get(f"{url}/stats", timeout=10).json()["pid"]
-    stream = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60)
+    try:
+        yield f"{serve_url}/graph"
+    finally:
+        serve.delete("graph")
+
+
+BODY = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+
+
+def _complete(url: str, max_tokens: int) -> dict:
+    return requests.post(f"{url}/v1/completions", json={**BODY, "max_tokens": max_tokens}, timeout=60).json()
+
+
+def test_a_graph_runner_replica_holds_no_weights_and_serves_the_local_text(
+    graph_url: str, serve_url: str, served_checkpoint: Path
+) -> None:
+    """The actors load the checkpoint, each its own share, and together all of it, once."""
+    from ray import serve
+
+    from raymoe.platform.checkpoint.reader import load_model
+
+    model = load_model(str(served_checkpoint), torch.float32)  # the replicas' dtype
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stats = requests.get(f"{graph_url}/stats", timeout=10).json()
+    assert stats["runner"] == "graph" and stats["param_bytes"] == 0
+    shares = stats["actor_param_bytes"]
+    assert set(shares) == {"Stage(0)", "Stage(1)", "Shard(0)", "Shard(1)"} and min(shares.values()) > 0
+    assert sum(shares.values()) == model_bytes
+    assert set(stats["actor_pids"]) == set(shares) and stats["pid"] not in stats["actor_pids"].values()
+
+    app = RaymoeServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    serve.run(app.bind(ServeArgs(checkpoint=str(served_checkpoint), dtype="float32")), name="local",
+              route_prefix="/local")  # fmt: skip
+    try:
+        local_url = f"{serve_url}/local"
+        local = requests.get(f"{local_url}/stats", timeout=10).json()
+        assert local["runner"] == "local" and local["param_bytes"] == model_bytes
+        expected = _complete(local_url, 12)
+    finally:
+        serve.delete("local")
+    got = _complete(graph_url, 12)
+    assert got["usage"]["completion_tokens"] == 12 and got["choices"][0]["text"] == expected["choices"][0]["text"]
+
+
+def test_a_replica_whose_actor_dies_errors_its_requests_and_is_replaced(graph_url: str) -> None:
+    first = _complete(graph_url, 8)
+    old_pid = requests.get(f"{graph_url}/stats", timeout=10).json()["pid"]
+    stream = requests.post(f"{graph_url}/v1/completions", json={**BODY, "stream": True}, stream=True, timeout=60)
     lines = (line for line in stream.iter_lines(decode_unicode=True) if line)
     next(lines)  # generating
-    victim = requests.get(f"{url}/stats", timeout=10).json()["actor_pids"]["InferenceShard(1)"]
+    victim = requests.get(f"{graph_url}/stats", timeout=10).json()["actor_pids"]["Shard(1)"]
     os.kill(victim, signal.SIGKILL)
     start = time.monotonic()
     rest = list(lines)
     assert time.monotonic() - start < 60
-    assert rest[-1] == "data: [DONE]" and any("generation failed" in line and "InferenceShard" in line for line in rest)
+    assert rest[-1] == "data: [DONE]" and any("generation failed" in line and "Shard(1)" in line for line in rest)
 
     def replaced() -> bool:
         try:
-            r = requests.get(f"{url}/stats", timeout=5)
+            r = requests.get(f"{graph_url}/stats", timeout=5)
             return r.status_code == 200 and r.json()["pid"] != old_pid
         except requests.RequestException:
             return False
 
     _wait_for(replaced, timeout=90, what="Serve to replace the replica")
-    again = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 8}, timeout=60).json()
+    again = _complete(graph_url, 8)
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
-    serve.delete("graph")

@@ -12,7 +12,9 @@ from kernel_testing import assert_close, interpret  # noqa: F401
 
 from raymoe.kernels import kernel_mode, use_kernels, use_triton
 from raymoe.platform.config import load_config
-from raymoe.platform.model.transformer import DeepseekV3
+from raymoe.platform.inference.batch import SeqRun, build_step
+from raymoe.platform.inference.runner import LocalRunner
+from raymoe.platform.model.transformer import DeepseekV3, prepare_for_inference
 
 
 def test_switch_env_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,21 +114,57 @@ def test_model_forward_and_training_grads_equal_reference(tiny_model: DeepseekV3
         assert_close(g, ref_grads[name], torch.float32, f"grad {name}")
 
 
-def test_model_decode_with_cache_equals_reference(tiny_model: DeepseekV3, kernel_calls: dict) -> None:
-    """Prefill then three decode steps (absorbed MLA -> the decode kernel) under both switches."""
-    ids = torch.randint(0, tiny_model.cfg.vocab_size, (3, 7))
-    steps = torch.randint(0, tiny_model.cfg.vocab_size, (3, 3))
+# Sequences of a paged step (first block of each table is never block 0, the padding block), shuffled blocks
+BLOCK_SIZE = 4
+TABLES = [[5, 1, 7], [2, 6], [4, 3, 8]]
+# the tiny preset's naive_min_run is unbounded (every run absorbed); 3 here makes the prefill step mix both paths
+NAIVE_MIN_RUN = 3
+
+
+def _steps(ids: torch.Tensor) -> list[tuple[str, list[SeqRun]]]:
+    """A prefill step (runs of 7 and 5 tokens naive, one of 2 absorbed), a step of one-token runs (decode)
+    and one of two-token runs (a token and its MTP draft: two query rows of one sequence)."""
+    lengths = [[7, 2, 5], [1, 1, 1], [2, 2, 2]]
+    steps, starts = [], [0, 0, 0]
+    for name, step in zip(("prefill", "one-token runs", "two-token runs"), lengths):
+        runs = [SeqRun(ids[b, starts[b] : starts[b] + n].tolist(), starts[b], TABLES[b]) for b, n in enumerate(step)]
+        steps.append((name, runs))
+        starts = [s + n for s, n in zip(starts, step)]
+    return steps
+
+
+def _paged_logits(model: DeepseekV3, steps: list[tuple[str, list[SeqRun]]]) -> list[tuple[torch.Tensor, ...]]:
+    """Every row's main logits and MTP draft logits of each step, on a LocalRunner over a fresh paged cache."""
+    runner = LocalRunner(model, num_blocks=9, block_size=BLOCK_SIZE)
+    out = []
+    for _, runs in steps:
+        batch = build_step(runs, BLOCK_SIZE, NAIVE_MIN_RUN)
+        rows = torch.arange(batch.num_rows)
+        logits, hidden = runner.main(batch, rows, rows)
+        out.append((logits, runner.mtp(batch, hidden, rows)))
+    return out
+
+
+def test_paged_steps_with_the_decode_kernel_equal_reference(tiny_model: DeepseekV3, kernel_calls: dict) -> None:
+    """The serving runner's steps over the paged cache (absorbed MLA -> the decode kernel) under both switches."""
+    prepare_for_inference(tiny_model, torch.float32)
+    ids = torch.randint(0, tiny_model.cfg.vocab_size, (3, 10))
+    steps = _steps(ids)
     outs = {}
     for mode in ("torch", "triton"):
         kernel_calls.clear()
-        with use_kernels(mode), torch.no_grad():
-            cache = tiny_model.new_cache(3, 16)
-            logits = [tiny_model(ids, cache, last_only=True)]
-            for t in range(3):
-                logits.append(tiny_model(steps[:, t : t + 1], cache))
-        outs[mode] = torch.cat(logits, dim=1)
-        if mode == "triton":  # one call per decode step and attention layer
-            assert kernel_calls["mla_decode"] == 3 * tiny_model.cfg.num_hidden_layers
+        with use_kernels(mode):
+            outs[mode] = _paged_logits(tiny_model, steps)
+        if mode == "triton":  # one call per step and attention layer (main layers and the MTP module)
+            assert kernel_calls["mla_decode"] == len(steps) * (tiny_model.cfg.num_hidden_layers + 1)
         else:
-            assert not kernel_calls
-    assert_close(outs["triton"], outs["torch"], torch.float32, "decode logits")
+            assert "mla_decode" not in kernel_calls
+    # the steps are what they claim: the torch path's main logits are the whole-sequence forward's
+    with torch.no_grad():
+        full = tiny_model(ids)  # [3, 10, V]
+    for (name, runs), (logits, _) in zip(steps, outs["torch"]):
+        expected = torch.cat([full[b, r.start : r.start + len(r.tokens)] for b, r in enumerate(runs)])
+        assert_close(logits, expected, torch.float32, f"{name}: paged (torch) against the whole-sequence forward")
+    for (name, _), (logits, drafts), (ref_logits, ref_drafts) in zip(steps, outs["triton"], outs["torch"]):
+        assert_close(logits, ref_logits, torch.float32, f"{name}: main logits")
+        assert_close(drafts, ref_drafts, torch.float32, f"{name}: MTP draft logits")

@@ -16,7 +16,8 @@ CONFIG_KEYS = [f"{mode}_{what}" for mode in ("train", "decode") for what in ("to
 
 
 def test_bench_model_quick_prints_a_table_and_a_json_last_line(tmp_path, capsys):
-    """Ours and transformers' eager experts, fp32, on the tiny preset: every number present and positive."""
+    """Ours and transformers' eager experts, fp32, on the tiny preset: every configuration ran in its own
+    worker, and every number it reports is there and plausible (timings themselves are never asserted)."""
     out_file = tmp_path / "bench.json"
     code = cli.main(["bench", "model", "--quick", "--json", "--no-progress", "--out", str(out_file)])
     stdout = capsys.readouterr().out
@@ -25,15 +26,23 @@ def test_bench_model_quick_prints_a_table_and_a_json_last_line(tmp_path, capsys)
     report = json.loads(lines[-1])
     assert REPORT_KEYS <= report.keys()
     assert json.loads(out_file.read_text()) == report
+    assert report["preset"] == "tiny" and report["matmul_error"] is None
     assert report["train_speedup"] > 0 and report["decode_speedup"] > 0
     assert report["matmul_tflops"]["fp32"] > 0
+    assert report["flops_per_token"]["train"] > report["flops_per_token"]["decode"] > 0  # backward: ~2x forward
     assert [(c["impl"], c["dtype"]) for c in report["configs"]] == [(OURS, "fp32"), ("eager", "fp32")]
     for config in report["configs"]:
+        name = config["impl"]
+        assert config["train_error"] is None and config["decode_error"] is None, config
         for key in CONFIG_KEYS:
-            assert config[key] > 0, (config["impl"], key)
-        # each configuration ran in its own process: its peak is at least what it held before building a model
-        assert config["train_peak_mib"] >= config["train_base_mib"]
-    assert report["peak_mib"]["train"]["ours"] == report["configs"][0]["train_peak_mib"]
+            assert config[key] > 0, (name, key)
+        # model FLOPs per second can only be a fraction of the measured matmul rate
+        assert config["train_mfu"] < 1 and config["decode_mfu"] < 1, name
+        assert len(config["train_seconds"]) == report["train_steps"]
+        assert len(config["decode_seconds"]) == report["decode_repeats"]
+        # its own worker process: torch imported (>= 50 MiB) before the model; building and training one allocates
+        assert 50 < config["train_base_mib"] < config["train_peak_mib"] < report["memory_limit_mib"], name
+    assert report["fastest"]["train"] == {"ours": "ours fp32", "transformers": "eager fp32"}
     table = "\n".join(lines[:-1])
     assert "train tok/s" in table and "hf eager" in table and "train speedup" in table
 
@@ -69,16 +78,15 @@ def test_summary_takes_fastest_of_each_side_and_reports_failures():
         results[Job("decode", "batched_mm", dtype)] = _ok(5.0, 400.0)
     report = summarize(load_config("tiny"), opts, results, {"seconds": 1.0, "load_average": [0.0, 0.0]})
 
-    assert report["train_speedup"] == pytest.approx(900.0 / 450.0)
-    assert report["decode_speedup"] == pytest.approx(40.0 / 20.0)
+    # each side's fastest, per mode: train takes ours bf16, decode ours fp32; a failed run is never the fastest
     assert report["fastest"]["train"] == {"ours": "ours bf16", "transformers": "eager fp32"}
+    assert report["fastest"]["decode"] == {"ours": "ours fp32", "transformers": "eager fp32"}
     assert report["peak_mib"]["train"] == {"ours": 2900.0, "transformers": 2450.0}
     by_name = {(c["impl"], c["dtype"]): c for c in report["configs"]}
     assert by_name[("batched_mm", "bf16")]["train_tokens_per_s"] is None
     assert "out of memory" in by_name[("batched_mm", "bf16")]["train_error"]
-    # MFU: tokens/s × FLOPs per token ÷ the dtype's measured rate
-    ours_bf16 = by_name[(OURS, "bf16")]
-    assert ours_bf16["train_mfu"] == pytest.approx(900.0 * report["flops_per_token"]["train"] / 1.5e12)
+    # MFU divides by each dtype's own rate: bf16 trains 3x faster than fp32 here, on a 6x faster matmul
+    assert by_name[(OURS, "fp32")]["train_mfu"] > by_name[(OURS, "bf16")]["train_mfu"] > 0
     table = format_table(report)
     assert "batched_mm bf16 train: out of memory" in table
     assert "train speedup: 2.00x" in table

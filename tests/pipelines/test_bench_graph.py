@@ -29,17 +29,21 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
     for r in rows:
         assert r["error"] is None, r
         assert ROW_KEYS <= r.keys()
-        assert len(r["steps_s"]) == 1 and r["step_s"] > 0 and r["tokens_per_s"] > 0
-        assert r["compute_s"] > 0 and r["sum_compute_s"] >= r["compute_s"] and r["sum_cpu_s"] >= 0
-        assert r["compute_s"] + r["other_s"] == pytest.approx(r["step_s"])
-    assert rows[0]["x_local"] == 1.0
+        assert len(r["steps_s"]) == 1 and r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["x_local"] > 0
+        assert r["compute_s"] > 0 and r["sum_cpu_s"] > 0  # timed by the actors, and read from /proc
+        # the tiny model at init: near log(vocab 512) = 6.2 for the main loss, plus 0.3 x the MTP loss
+        assert 6.0 < r["first_loss"] < 9.0, r["first_loss"]
     graph = {(r["dp"], r["pp"], r["ep"]): r for r in rows[1:]}
     assert graph[(2, 1, 2)]["micro_batches_per_replica"] == 1 and graph[(1, 1, 2)]["micro_batches_per_replica"] == 2
-    # actors: one colocated; stages + shards; the driver's phases add up to the step
+    # actors: one colocated; stages + shards, every one of which computed in the step
     assert [graph[layout]["actors"] for layout in LAYOUTS] == [1, 3, 4, 4]
+    for layout in LAYOUTS:
+        r = graph[layout]
+        assert len(r["compute_by_actor"]) == r["actors"] and min(r["compute_by_actor"].values()) > 0, layout
     r = graph[(1, 1, 2)]
     assert set(r["compute_by_actor"]) == {"stage_r0_s0", "shard_0", "shard_1"}
-    assert r["submit_s"] + r["wait_s"] + r["update_s"] == pytest.approx(r["step_s"], abs=1e-3)
+    assert r["busiest"] in r["compute_by_actor"]
+    assert min(r["submit_s"], r["wait_s"], r["update_s"]) > 0  # the driver's phases were timed
     # the same data and initial weights everywhere: the first step's loss agrees
     assert report["first_loss_spread"] < 1e-4
     table = "\n".join(lines[:-1])
