@@ -119,7 +119,7 @@ def test_bias_update_counts_every_replica_and_micro_batch(ray_local) -> None:
         assert torch.equal(got.loads, want.loads)
         assert not torch.equal(got.loads, 2 * only_first)  # the skewed replica changed the totals
         assert got.loads.sum(dim=1).eq(BATCH * 32 * cfg.model.num_experts_per_tok).all()
-        want_bias = torch.stack([m.gate.e_score_correction_bias for m in local.moe_layers])
+        want_bias = torch.stack([g.e_score_correction_bias for g in local.gates])
         assert torch.equal(graph.biases, want_bias)
     finally:
         graph.shutdown()
