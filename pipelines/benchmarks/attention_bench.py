@@ -6,10 +6,12 @@
 Serving attends each run of a step (a prefill chunk, a decode token, a token and its draft) either
 by the *absorbed* path (attention over the latent; the paged decode kernel on CUDA) or by the
 *naive* path (decompress the run's keys and values, ordinary attention). The engine switches at
-:func:`~raymoe.platform.model.attention.naive_min_run` tokens, from a FLOP count. This measures,
+:data:`~raymoe.platform.model.attention.NAIVE_MIN_RUN` tokens, set from this benchmark. This measures,
 for one MLA layer of the preset, the median time of one run of S new tokens over C already cached
 ones by each path (the model's own code: ``PagedAttention`` with every run naive or every run
-absorbed), and prints where the naive path starts to pay, next to the FLOP count's answer.
+absorbed), and prints where the naive path starts to pay, next to the FLOP count's answer. On a
+machine shared with other work, run it with ``OMP_NUM_THREADS=1``: two threads on two busy cores
+stall each other and the timings scatter.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def measure(preset: str, dtype: torch.dtype, runs: list[int], cached: list[int],
     from raymoe.platform.config import load_config
     from raymoe.platform.inference.batch import SeqRun, build_step
     from raymoe.platform.inference.cache import BlockCache
-    from raymoe.platform.model.attention import MLA, naive_min_run
+    from raymoe.platform.model.attention import MLA, naive_flop_crossover, naive_min_run
     from raymoe.platform.model.layers import RotaryEmbedding
     from raymoe.platform.model.transformer import cast_parameters
 
@@ -87,7 +89,7 @@ def measure(preset: str, dtype: torch.dtype, runs: list[int], cached: list[int],
             crossover[c] = r["run"]
     return {"benchmark": "attention", "preset": preset, "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "rows": rows, "measured_naive_from": crossover,
-            "flop_naive_min_run": naive_min_run(cfg)}  # fmt: skip
+            "naive_min_run": naive_min_run(cfg), "flop_crossover": naive_flop_crossover(cfg)}  # fmt: skip
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -101,7 +103,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     for c, s in report["measured_naive_from"].items():
         lines.append(f"after {c} cached tokens the naive path is faster from S = {s} (measured)")
-    lines.append(f"naive_min_run (the engine's switch, from the FLOP count): {report['flop_naive_min_run']}")
+    lines.append(f"the engine switches at {report['naive_min_run']} tokens (NAIVE_MIN_RUN); the FLOP count alone "
+                 f"would at {report['flop_crossover']}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ is told by the attention context the caller passes:
   (serving): each row's latent is written into the cache first; short runs (decode tokens, a token
   plus its speculative draft) take the absorbed path, which is the paged MLA decode kernel on
   CUDA; long runs (prefill chunks) take the naive path over their sequence's cached latents,
-  which costs fewer FLOPs past :func:`naive_min_run` tokens.
+  which measures faster from :data:`NAIVE_MIN_RUN` tokens on.
 
 Shape legend: N rows, H heads, dn/dv/R the nope/value/rope head dims, C kv_lora_rank, T keys.
 """
@@ -186,13 +186,26 @@ class CausalAttention(Attention):
         return out.reshape(B * S, *out.shape[2:])
 
 
+# Runs of at least this many tokens take the naive path, shorter ones (decode tokens, a token and its
+# MTP draft) the absorbed one. Measured by `raymoe bench attention` (bench preset, bf16, one thread,
+# 2-core EPYC, 2026-12-01), one layer, ms naive / absorbed with 512 tokens cached: S=1 1.70/1.06,
+# S=2 1.47/1.20, S=4 1.62/1.37, S=8 1.79/1.81, S=16 2.14/2.83, S=64 4.07/10.2, S=512 39/307. The
+# FLOP count alone (naive_flop_crossover) puts the switch at 43: the absorbed path also reads each
+# row's own copy of its keys, which the naive path reads once per run.
+NAIVE_MIN_RUN = 8
+
+
 def naive_min_run(cfg: ModelConfig) -> int:
-    """Run length from which a run's naive attention costs fewer FLOPs than the absorbed one.
+    """Run length from which a serving run takes the naive attention path (:data:`NAIVE_MIN_RUN`, measured)."""
+    return NAIVE_MIN_RUN
+
+
+def naive_flop_crossover(cfg: ModelConfig) -> int:
+    """Run length from which naive attention costs fewer FLOPs than absorbed attention.
 
     Per query and key, absorbed attention costs 2C + R multiply-adds per head, naive dn + R + dv;
     naive also decompresses every key once (C·(dn + dv) per head). Over S queries and T keys,
-    naive wins when S·(2C − dn − dv) > C·(dn + dv): S > 43 on the bench preset, 171 on DeepSeek-V3.
-    ``raymoe bench attention`` measures both paths side by side."""
+    naive wins when S·(2C − dn − dv) > C·(dn + dv): S > 43 on the bench preset, 171 on DeepSeek-V3."""
     C, dn, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
     gain = 2 * C - dn - dv
     if gain <= 0:

@@ -127,13 +127,24 @@ def test_absorbed_equals_naive_float32() -> None:
     assert (out - reference).abs().max().item() <= ABSORBED_ATOL
 
 
-def test_naive_min_run_follows_the_flop_count() -> None:
+def test_the_flop_crossover_of_naive_and_absorbed() -> None:
     from raymoe.platform.config import load_config
-    from raymoe.platform.model.attention import naive_min_run
+    from raymoe.platform.model.attention import naive_flop_crossover
 
     # S·(2C − dn − dv) > C·(dn + dv): 43 on the bench preset (C 128, dn = dv = 32), 171 on DeepSeek-V3
-    assert naive_min_run(load_config("bench").model) == 43
-    assert naive_min_run(load_config("deepseek-v3").model) == 171
+    assert naive_flop_crossover(load_config("bench").model) == 43
+    assert naive_flop_crossover(load_config("deepseek-v3").model) == 171
+
+
+def test_decode_and_draft_runs_stay_absorbed() -> None:
+    """Decode tokens and a token with its MTP draft take the absorbed path (the paged decode kernel on CUDA)."""
+    from raymoe.platform.inference.batch import SeqRun, build_step
+    from raymoe.platform.model.attention import naive_min_run
+
+    n = naive_min_run(tiny_variant())
+    assert n > 2
+    step = build_step([SeqRun([1], 5, [1, 2]), SeqRun([1, 2], 9, [3, 4]), SeqRun(list(range(n)), 0, [5, 6])], 8, n)
+    assert step.absorbed_rows.tolist() == [0, 1, 2] and [run[:3] for run in step.naive_runs] == [(3, n, 0)]
 
 
 def test_cache_holds_latent_only() -> None:
