@@ -2,7 +2,7 @@
 
 A checkpoint is a directory (a local path or a pyarrow URI): ``config.json``,
 ``model.safetensors.index.json`` and its shards (or a single ``model.safetensors``), in
-DeepSeek-V3's layout (REFERENCE.md, "Checkpoint format"):
+DeepSeek-V3's layout:
 
 - routed experts one by one, ``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``; raymoe's
   name of expert E is ``model.layers.N.mlp.experts.E.gate_up_proj`` [2I, D] (gate rows, then up

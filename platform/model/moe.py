@@ -4,8 +4,8 @@ The gate *chooses* experts by top-k of (affinity + bias) inside the best ``topk_
 ``n_group`` groups and *weighs* them by the unbiased affinities, normalized, times
 ``routed_scaling_factor``. The bias ``e_score_correction_bias`` is a buffer: it is changed only
 by the auxiliary-loss-free rule at the optimizer step (``raymoe.platform.train.balance``),
-never by gradients. Each MoE layer counts the tokens routed to each expert
-(``tokens_per_expert``) for that rule and for MaxVio.
+never by gradients. The tokens routed to each expert (for that rule and for MaxVio) are counted
+by whoever runs the forward, from the routing it sees (``raymoe.platform.train.balance.LoadCounter``).
 """
 
 from __future__ import annotations
