@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raymoe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow test-gpu lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 # pytest exits 5 when no test is marked slow: that is not a failure
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# on a machine with a CUDA GPU: the gpu tests, the kernels compiled, bench kernels and bench model (.ci/gpu);
+# it uses the python that holds a CUDA torch (GPU_PYTHON, default python3), not the CPU-only .venv
+test-gpu:
+	.ci/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -42,7 +42,7 @@ class GraphRunner:
         num_blocks, block_size: the cache pool (every stage holds it for its own layers).
         pp, ep: stages and expert shards.
         dtype: the serving dtype of the weights and the cache.
-        device: where the actors compute (``cpu`` or ``cuda``).
+        device: where the actors compute: ``auto`` (CUDA when an actor sees a GPU), ``cpu`` or ``cuda``.
         in_process: plain objects in this process instead of Ray actors (tests of the math).
         timeout_s: the longest wait on one step.
         start_timeout_s: the longest wait for the actors to start (they import torch and load weights).
@@ -58,7 +58,7 @@ class GraphRunner:
         pp: int = 1,
         ep: int = 1,
         dtype: torch.dtype = torch.bfloat16,
-        device: str = "cpu",
+        device: str = "auto",
         in_process: bool = False,
         timeout_s: float = 60.0,
         start_timeout_s: float = 600.0,

@@ -26,6 +26,7 @@ from raymoe.platform.checkpoint.layout import OPTIMIZER_PREFIX, experts_file, sp
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
+from raymoe.platform.devices import host, resolve_device
 from raymoe.platform.model.moe import Experts
 from raymoe.platform.model.transformer import init_parameter_, moe_prefix
 from raymoe.platform.train.optim import build_optimizer, clip_and_step
@@ -46,7 +47,9 @@ class Shard:
         self.train_mode = serving is None
         set_threads(cfg.parallel.num_cpus_per_actor if self.train_mode else 0.0, peers=placement.ep)
         self.cfg, self.placement, self.shard = cfg, placement, shard
-        self.device = torch.device(serving.device if serving is not None else "cpu")
+        self.device = (
+            resolve_device(serving.device, "device") if serving is not None else resolve_device(cfg.parallel.device)
+        )
         m = cfg.model
         self.experts = nn.ModuleDict()
         self.expert_ids: dict[str, list[int]] = {}  # stacked tensor name -> its experts' global ids
@@ -121,7 +124,7 @@ class Shard:
             self.rows += sum(sizes)
         if self.train_mode:
             self.compute_s += time.perf_counter() - t0
-        return _returns(list(out.detach().split(sizes)))
+        return _returns([host(o) for o in out.detach().split(sizes)])
 
     def backward(self, layer: int, key: Any, *grads: torch.Tensor) -> Any:
         """Given each replica's gradient of its outputs, return each its :class:`ExpertGrads`."""
@@ -130,8 +133,8 @@ class Shard:
         if out.requires_grad and out.numel():
             torch.autograd.backward([out], [torch.cat([g.to(self.device) for g in grads]).to(out.dtype)])
         result = [
-            ExpertGrads(x.grad if x.grad is not None else torch.zeros_like(x),
-                        w.grad if w.grad is not None else torch.zeros_like(w))
+            ExpertGrads(host(x.grad if x.grad is not None else torch.zeros_like(x)),
+                        host(w.grad if w.grad is not None else torch.zeros_like(w)))
             for x, w in zip(xs, ws)
         ]  # fmt: skip
         self.compute_s += time.perf_counter() - t0

@@ -35,6 +35,7 @@ from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, 
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
+from raymoe.platform.devices import host, resolve_device
 from raymoe.platform.inference.cache import BlockCache
 from raymoe.platform.model.attention import CausalAttention
 from raymoe.platform.model.forward import (
@@ -63,7 +64,7 @@ class ServingSpec:
     dtype: torch.dtype = torch.bfloat16
     num_blocks: int = 0
     block_size: int = 16
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda, resolved in the actor's process
 
 
 @dataclass
@@ -190,7 +191,9 @@ class Stage(Collective):
         self.ep = 0 if colocated else placement.ep
         start, end = placement.stage_bounds[stage]
         self.first, self.last = start == 0, end == cfg.model.num_hidden_layers
-        self.device = torch.device(serving.device if serving is not None else "cpu")
+        self.device = (
+            resolve_device(serving.device, "device") if serving is not None else resolve_device(cfg.parallel.device)
+        )
         dtype = serving.dtype if serving is not None else None
         self.part = DeepseekV3.empty(cfg.model, cfg.train.seq_aux_alpha, (start, end), routed_experts=colocated,
                                      device=self.device, dtype=dtype)  # fmt: skip
@@ -262,7 +265,7 @@ class Stage(Collective):
         ``prev`` is the previous stage's output (the main model's hidden rows for the MTP draft);
         ``emb`` the MTP embeddings made on the first stage when it is not this one. Returns ep + 1
         values: a DispatchBuffer per shard (None when finished), then the StageOutput (None until then)."""
-        hidden = prev.hidden if prev is not None else None
+        hidden = prev.hidden.to(self.device) if prev is not None and prev.hidden is not None else None
         if isinstance(inputs, InferInput):
             fl = _Flight(train=False, scale=1.0, segments=[])
             fl.program = self._serve_program(inputs, hidden, emb)
@@ -272,6 +275,7 @@ class Stage(Collective):
             if hidden is not None and train:
                 leaf = hidden.requires_grad_()
                 hidden = leaf
+            emb = emb.to(self.device) if emb is not None else None
             mtp_leaf = emb.requires_grad_() if (emb is not None and train) else emb
             fl = _Flight(train=train, scale=inputs.scale, segments=[_Segment(leaf=leaf)] if train else [],
                          mtp_leaf=mtp_leaf)  # fmt: skip
@@ -311,7 +315,8 @@ class Stage(Collective):
                 if seg is not None:
                     seg.rows.append(rows)
                     seg.sent.append((x_rows, w))
-                buffers.append(DispatchBuffer(call.layer, x_rows.detach().to(send_dtype), local_ids, w.detach()))
+                buffers.append(DispatchBuffer(call.layer, host(x_rows.detach().to(send_dtype)), host(local_ids),
+                                              host(w.detach())))  # fmt: skip
             fl.pending = (call, [rows for rows, _, _ in parts])
             return [*buffers, None]
 
@@ -328,7 +333,7 @@ class Stage(Collective):
         if not self.last:
             if fl.train:
                 fl.segments[-1].out = h
-            return StageOutput(hidden=h.detach())
+            return StageOutput(hidden=host(h.detach()))
         lam = self.cfg.train.mtp_lambda if fl.train else 0.0
         main, mtp = yield from loss_program(self.part, h, labels, ctx, lam, mtp_emb, hooks)
         tokens_n = int((labels != IGNORE_INDEX).sum())
@@ -350,33 +355,33 @@ class Stage(Collective):
             tokens = batch.tokens if self.first else None
             h = yield from main_program(self.part, ctx, tokens=tokens, hidden=hidden)
             if not self.last:
-                return StageOutput(hidden=h)
+                return StageOutput(hidden=host(h))
             logits = head(self.part, h.index_select(0, inputs.logit_rows.to(self.device)))
             rows = inputs.hidden_rows
-            return StageOutput(hidden=h.index_select(0, rows.to(self.device)) if rows is not None else None,
-                               logits=logits)  # fmt: skip
+            hidden_rows = h.index_select(0, rows.to(self.device)) if rows is not None else None
+            return StageOutput(hidden=host(hidden_rows), logits=host(logits))
         module = self.part.mtp_modules()[0]
         emb = emb.to(self.device) if emb is not None else self.part.model.embed_tokens(batch.tokens)
         h = yield from mtp_program(module, self.part, hidden, emb, ctx)
-        return StageOutput(logits=head(self.part, h.index_select(0, inputs.logit_rows.to(self.device)),
-                                       module.shared_head.norm))  # fmt: skip
+        return StageOutput(logits=host(head(self.part, h.index_select(0, inputs.logit_rows.to(self.device)),
+                                            module.shared_head.norm)))  # fmt: skip
 
     @torch.inference_mode()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """First stage: the embeddings of ``tokens`` (the MTP draft's input when it sits on another stage)."""
-        return self.part.model.embed_tokens(tokens.to(self.device))
+        return host(self.part.model.embed_tokens(tokens.to(self.device)))
 
     def mtp_embed(self, key: Any, inputs: TrainInput) -> torch.Tensor:
         """First stage, pp > 1: the embeddings of the tokens the MTP modules combine, [depth, b*S, D]."""
         with torch.enable_grad():
             out = self._timed(mtp_embeddings, self.part, inputs.labels.to(self.device))
         self.mtp_graphs[key] = out
-        return out.detach()
+        return host(out.detach())
 
     def mtp_embed_backward(self, key: Any, grad: torch.Tensor | None) -> None:
         out = self.mtp_graphs.pop(key)
         if grad is not None:
-            self._timed(torch.autograd.backward, [out], [grad], autocast=False)
+            self._timed(torch.autograd.backward, [out], [grad.to(out)], autocast=False)
 
     # -- backward (training) --------------------------------------------------------------------
 
@@ -387,7 +392,7 @@ class Stage(Collective):
         roots, grads = list(seg.losses), [torch.ones_like(t) for t in seg.losses]
         if not self.last:
             roots.append(seg.out)
-            grads.append(grad_out)
+            grads.append(grad_out.to(seg.out) if grad_out is not None else None)
         return self._timed(self._backward, key, fl, roots, grads, autocast=False)
 
     def backward_resume(self, key: Any, *shard_grads: Any) -> list:
@@ -410,11 +415,11 @@ class Stage(Collective):
         if fl.segments:  # hand the gradients of the previous dispatch's outputs to the shards
             g = seg.leaf.grad
             fl.next_grad = g
-            return [g.index_select(0, rows) for rows in fl.segments[-1].rows] + [None, None]
+            return [host(g.index_select(0, rows)) for rows in fl.segments[-1].rows] + [None, None]
         del self.flights[key]
         grad_in = seg.leaf.grad if seg.leaf is not None else None
         grad_mtp = fl.mtp_leaf.grad if fl.mtp_leaf is not None and fl.mtp_leaf.requires_grad else None
-        return [None] * self.ep + [grad_in, grad_mtp]
+        return [None] * self.ep + [host(grad_in), host(grad_mtp)]
 
     # -- the optimizer step (training) ----------------------------------------------------------
 

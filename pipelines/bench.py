@@ -93,6 +93,7 @@ def _register_model(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout-s", type=float, help=f"per configuration (default {defaults.worker_timeout_s:g})")
     parser.add_argument("--memory-limit-mib", type=int, help="address-space limit per worker (default 75%% of free)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny preset, one timed step, few tokens")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="where every configuration runs (default cpu)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON object (last line)")
     parser.add_argument("--out", type=Path, help="write the JSON report to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         "decode_repeats": args.decode_repeats,
         "worker_timeout_s": args.timeout_s,
         "memory_limit_mib": args.memory_limit_mib,
+        "device": args.device,
     }
     changes = {name: value for name, value in given.items() if value is not None}
     return dataclasses.replace(base, overrides=list(args.overrides), **changes)
@@ -177,7 +179,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"raymoe bench model: preset {report['preset']}, train {report['batch_size']}x{report['seq_len']} tokens "
         f"({report['warmup_steps']} warmup + {report['train_steps']} timed steps), decode batch 1 "
         f"{report['prompt_len']}-token prompt + {report['decode_tokens']} new tokens (x{report['decode_repeats']}), "
-        f"{report['threads']} threads",
+        f"{report['threads']} threads"
+        + (f", on {report.get('device_name') or 'cuda'}" if report.get("device") == "cuda" else ", on the CPU"),
         f"matmul TFLOP/s  {matmul or report['matmul_error']}",
         "MFU against " + ", ".join(f"{d} {r:.2f} TFLOP/s" for d, r in rates.items()) + "; x HF = over transformers' "
         "fastest",

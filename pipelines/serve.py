@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from raymoe.platform.inference import openai_api as api
@@ -63,6 +63,10 @@ class ServeArgs(BaseModel):
     model_name: str = "raymoe"
     api_key: str | None = None
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    device: str = Field("auto", description="auto (CUDA when the replica or actor sees a GPU) | cpu | cuda")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs each actor of the graph runner reserves (fractions share)"
+    )
     max_batch_size: int = Field(32, ge=1)
     cache_tokens: int = Field(65536, ge=1)
     block_size: int = Field(16, ge=1)
@@ -77,6 +81,14 @@ class ServeArgs(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
     compile: bool = Field(False, description="torch.compile small decode steps (local runner; ~30-60 s at start)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from raymoe.platform.devices import check_device_name
+
+        check_device_name(value, "device")
+        return value
 
 
 fastapi_app = FastAPI(title="raymoe", description="OpenAI-compatible completions on a DeepSeek-V3-style MoE")
@@ -112,10 +124,12 @@ def _make_runner(args: ServeArgs, served: Any) -> Any:
         from raymoe.actors.graph import GraphRunner
 
         return GraphRunner(served.location, served.model_config, blocks, args.block_size,
-                           pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype)  # fmt: skip
+                           pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype,
+                           device=args.device, num_gpus_per_actor=args.gpus_per_actor)  # fmt: skip
     from raymoe.platform.checkpoint.reader import load_model
+    from raymoe.platform.devices import resolve_device
 
-    model = load_model(served.reader, dtype=dtype)
+    model = load_model(served.reader, dtype=dtype, device=resolve_device(args.device, "device"))
     if args.compile:
         from raymoe.platform.inference.compiled import CompiledLocalRunner
 
@@ -326,6 +340,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-name", default="raymoe", help="the model id clients name (default raymoe)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when the replica sees a GPU; default) | cpu | cuda (the local runner's replica "
+                   "then reserves one GPU)")  # fmt: skip
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor of the graph runner reserves")
     p.add_argument(
         "--runner",
         default="local",
@@ -349,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         api_key=args.api_key,
         dtype=args.dtype,
+        device=args.device,
+        gpus_per_actor=args.gpus_per_actor,
         runner=args.runner,
         parallel={"pp": args.pp, "ep": args.ep},
         speculative=not args.no_speculative,
@@ -365,7 +385,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ensure_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = RaymoeServer.options(num_replicas=args.replicas) if args.replicas else RaymoeServer
+    options: dict[str, Any] = {"num_replicas": args.replicas} if args.replicas else {}
+    if serve_args.runner == "local" and serve_args.device.startswith("cuda"):  # the replica computes: give it a GPU
+        options["ray_actor_options"] = {**DEPLOYMENT_DEFAULTS["ray_actor_options"], "num_gpus": 1}
+    app = RaymoeServer.options(**options) if options else RaymoeServer
     serve.run(app.bind(serve_args), name="raymoe", route_prefix="/")
     print(f"raymoe serve: '{serve_args.model_name}' at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     print(f"  curl http://{args.host}:{args.port}/v1/completions -H 'Content-Type: application/json' "

@@ -94,6 +94,7 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     micro_batches: int = 1
+    device: str = "auto"  # auto (CUDA when the process sees a GPU) | cpu | cuda: where every trainer computes
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
@@ -318,6 +319,12 @@ def validate(cfg: RaymoeConfig) -> None:
     _positive("parallel", p, ("dp", "pp", "ep", "micro_batches"))
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
     _positive("parallel", p, ("timeout_s", "long_timeout_s"))
+    from raymoe.platform.devices import check_device_name
+
+    try:
+        check_device_name(p.device, "parallel.device")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     e = cfg.elastic
     _positive("elastic", e, ("max_failures", "window_s", "backoff_s", "max_backoff_s", "min_dp", "min_ep"),
               ("max_failures", "backoff_s", "max_backoff_s"))  # fmt: skip

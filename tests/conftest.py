@@ -11,6 +11,16 @@ from s3_server import s3_prefix, s3_server  # noqa: F401  (fixtures)
 from raymoe.platform.config import ModelConfig, load_config
 
 
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device, and say so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here (make test-gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

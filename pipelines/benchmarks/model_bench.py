@@ -92,6 +92,7 @@ class BenchOptions:
     matmul_min_s: float = 1.0  # time each matmul shape for at least this long, in MATMUL_WINDOWS windows
     worker_timeout_s: float = WORKER_TIMEOUT_S
     memory_limit_mib: int | None = None  # per worker; None = MEMORY_LIMIT_FRACTION of the memory available
+    device: str = "cpu"  # cpu | cuda: where every configuration runs (peak memory is then the device's)
 
     @classmethod
     def quick(cls) -> BenchOptions:
@@ -134,6 +135,10 @@ def check_options(opts: BenchOptions) -> RaymoeConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(opts, name)}")
     if opts.warmup_steps < 0:
         raise ConfigError(f"--warmup-steps must be >= 0, got {opts.warmup_steps}")
+    if opts.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {opts.device!r}")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here")
     cfg = load_config(opts.preset, opts.overrides)
     if opts.prompt_len + opts.decode_tokens > cfg.model.max_position_embeddings:
         raise ConfigError(
@@ -264,6 +269,8 @@ def summarize(
         "train_steps": opts.train_steps,
         "decode_repeats": opts.decode_repeats,
         "threads": matmul.get("threads"),
+        "device": opts.device,
+        "device_name": matmul.get("device_name"),
         "matmul_tflops": rates,
         "matmul": matmul.get("shapes", []),
         "matmul_error": None if matmul.get("ok") else matmul.get("error"),
@@ -291,8 +298,10 @@ def summarize(
 # --------------------------------------------------------------------------- the worker
 
 
-def _memory_mib() -> tuple[float, float]:
-    """(resident now, peak resident) of this process in MiB."""
+def _memory_mib(device: str = "cpu") -> tuple[float, float]:
+    """(resident now, peak resident) of this process in MiB; on CUDA the device memory allocated (now, peak)."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / MIB, torch.cuda.max_memory_allocated() / MIB
     try:
         with open("/proc/self/status") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
@@ -302,14 +311,21 @@ def _memory_mib() -> tuple[float, float]:
         return peak, peak
 
 
-def _timed(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(call: Callable[[], object], warmup: int, repeats: int, device: str = "cpu") -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (the device synchronized around each)."""
     for _ in range(warmup):
         call()
     seconds = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         call()
+        _sync(device)
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -342,16 +358,21 @@ def _measure_matmuls(cfg: RaymoeConfig, opts: BenchOptions) -> dict[str, Any]:
     out, best = [], {}
     for dtype in opts.dtypes:
         for name, (m, k, nn) in shapes.items():
-            a = torch.randn(m, k, dtype=TORCH_DTYPES[dtype])
-            w = torch.randn(nn, k, dtype=TORCH_DTYPES[dtype])
+            a = torch.randn(m, k, dtype=TORCH_DTYPES[dtype], device=opts.device)
+            w = torch.randn(nn, k, dtype=TORCH_DTYPES[dtype], device=opts.device)
             for _ in range(MATMUL_WARMUP_CALLS):
                 F.linear(a, w)
             seconds_per_call = []
             for _ in range(MATMUL_WINDOWS):
+                _sync(opts.device)
                 calls, t0 = 0, time.perf_counter()
                 while (elapsed := time.perf_counter() - t0) < opts.matmul_min_s / MATMUL_WINDOWS:
                     F.linear(a, w)
                     calls += 1
+                    if opts.device == "cuda" and calls % 8 == 0:
+                        _sync(opts.device)  # launches are asynchronous: count work done, not work queued
+                _sync(opts.device)
+                elapsed = time.perf_counter() - t0
                 seconds_per_call.append(elapsed / calls)
             tflops = FLOPS_PER_MAC * m * k * nn / min(seconds_per_call) / TERA
             out.append({"dtype": dtype, "name": name, "m": m, "k": k, "n": nn, "tflops": tflops})
@@ -363,14 +384,18 @@ def _measure_matmuls(cfg: RaymoeConfig, opts: BenchOptions) -> dict[str, Any]:
         versions["transformers"] = transformers.__version__
     except ImportError:
         versions["transformers"] = None
-    return {"ok": True, "shapes": out, "tflops": best, "threads": torch.get_num_threads(), "versions": versions}
+    name = torch.cuda.get_device_name() if opts.device == "cuda" else None
+    return {"ok": True, "shapes": out, "tflops": best, "threads": torch.get_num_threads(), "versions": versions,
+            "device_name": name}  # fmt: skip
 
 
 def _train(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[], object], int]:
     """The training step of ``job`` as a callable, and the tokens it processes."""
-    tokens = _random_tokens(cfg, cfg.train.batch_size, cfg.train.seq_len + 1)
+    device = torch.device(opts.device)
+    tokens = _random_tokens(cfg, cfg.train.batch_size, cfg.train.seq_len + 1).to(device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     cfg.train.dtype = job.dtype
+    cfg.parallel.device = opts.device
     if job.impl == OURS:
         from raymoe.platform.train.trainer import LocalTrainer
 
@@ -380,10 +405,9 @@ def _train(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[]
     from raymoe.platform.train.optim import build_optimizer
     from raymoe.platform.train.trainer import autocast_context
 
-    model = _hf_model(cfg, job.impl).train()
+    model = _hf_model(cfg, job.impl).to(device).train()
     optimizer = build_optimizer(list(model.named_parameters()), cfg.train)  # the same AdamW as ours
     params = [p for p in model.parameters() if p.requires_grad]
-    device = torch.device("cpu")
 
     def step() -> float:
         with autocast_context(job.dtype, device):
@@ -406,7 +430,7 @@ def _decode(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[
         from raymoe.platform.model.transformer import prepare_for_inference
         from raymoe.platform.train.trainer import build_model
 
-        model = prepare_for_inference(build_model(cfg), TORCH_DTYPES[job.dtype])
+        model = prepare_for_inference(build_model(cfg, opts.device), TORCH_DTYPES[job.dtype])
 
         def call() -> None:
             (new,) = generate(model, prompt.tolist(), n_new, temperature=0.0)  # no EOS: always n_new tokens
@@ -415,10 +439,11 @@ def _decode(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[
 
         return call, n_new
 
-    model = _hf_model(cfg, job.impl).eval()
+    model = _hf_model(cfg, job.impl).to(opts.device).eval()
     if job.dtype != "fp32":
         model.to(TORCH_DTYPES[job.dtype])
     model.generation_config.eos_token_id = None  # never stop early
+    prompt = prompt.to(opts.device)
     mask = torch.ones_like(prompt)
 
     def hf_call() -> None:
@@ -432,7 +457,8 @@ def _decode(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[
 
 def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str, Any]:
     """Run one job in this process (a fresh one: the peak memory is the job's own)."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_limit_mib * MIB, resource.RLIM_INFINITY))
+    if opts.device == "cpu":  # a CUDA context maps far more address space than it uses: no limit there
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_mib * MIB, resource.RLIM_INFINITY))
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(SEED)
     cfg = load_config(opts.preset, opts.overrides)
@@ -442,14 +468,14 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
         if job.impl != OURS:
             import transformers  # noqa: F401 - imported before the base measurement, like ours' modules
 
-        base_mib = _memory_mib()[0]
+        base_mib = _memory_mib(opts.device)[0]
         if job.kind == "train":
             call, tokens = _train(cfg, job, opts)
-            seconds = _timed(call, opts.warmup_steps, opts.train_steps)
+            seconds = _timed(call, opts.warmup_steps, opts.train_steps, opts.device)
         else:
             call, tokens = _decode(cfg, job, opts)
             with torch.inference_mode():
-                seconds = _timed(call, 1, opts.decode_repeats)
+                seconds = _timed(call, 1, opts.decode_repeats, opts.device)
     except (MemoryError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, MemoryError) or "allocate" in text:
@@ -461,7 +487,7 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
         "ok": True,
         "tokens_per_s": tokens / statistics.median(seconds),  # the median resists another process's burst
         "seconds": seconds,
-        "peak_mib": _memory_mib()[1],
+        "peak_mib": _memory_mib(opts.device)[1],
         "base_mib": base_mib,
     }
 

@@ -28,6 +28,7 @@ from raymoe.platform.checkpoint.sharded import (
     write_part,
 )
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
+from raymoe.platform.devices import resolve_device
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
 from raymoe.platform.train.optim import build_optimizer, cosine_lr, set_lr
@@ -120,7 +121,7 @@ class LocalTrainer:
 
     def __init__(self, cfg: RaymoeConfig, model: DeepseekV3 | None = None) -> None:
         self.cfg = cfg
-        self.model = model if model is not None else build_model(cfg)
+        self.model = model if model is not None else build_model(cfg, resolve_device(cfg.parallel.device))
         self.model.train()
         self.device = self.model.device
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.train)

@@ -1,4 +1,8 @@
-"""What the kernel tests share: Triton's interpreter on, and tolerances per dtype.
+"""What the kernel tests share: Triton's interpreter on (or a GPU), and tolerances per dtype.
+
+With ``RAYMOE_TEST_DEVICE=cuda`` (``make test-gpu``) the same tests run compiled on a GPU: the
+interpreter stays off and every tensor a test makes is on CUDA (``torch.set_default_device``);
+tests about the CPU (:data:`cpu_only`) are skipped there.
 
 Import this module before anything that imports triton: Triton 3.9 reads ``TRITON_INTERPRET``
 when ``@triton.jit`` decorates a function (``triton/runtime/jit.py``), and ``triton.language``'s
@@ -13,10 +17,14 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see above
+GPU = os.environ.get("RAYMOE_TEST_DEVICE") == "cuda"
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see above
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+cpu_only = pytest.mark.skipif(GPU, reason="a test of the CPU path (the interpreter, CPU tensors)")
 
 # Tolerances per dtype (max abs error relative to max(1, the reference's max magnitude)): float32
 # is exact up to summation order; float16 and bf16 outputs round to 11 and 8 significant bits.
@@ -24,12 +32,24 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel switch at its default for one test; fails early if triton was imported compiled-only."""
+def interpret(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """The kernel switch at its default for one test; fails early if triton was imported compiled-only.
+
+    On a GPU run: every tensor the test makes is on CUDA."""
     from raymoe.kernels._common import interpreting
 
-    assert interpreting(), "triton was imported before TRITON_INTERPRET=1 was set: import kernel_testing first"
     monkeypatch.delenv("RAYMOE_KERNELS", raising=False)
+    if GPU:
+        if not torch.cuda.is_available():
+            pytest.skip("RAYMOE_TEST_DEVICE=cuda, but torch sees no CUDA device")
+        torch.set_default_device("cuda")
+        try:
+            yield
+        finally:
+            torch.set_default_device("cpu")
+        return
+    assert interpreting(), "triton was imported before TRITON_INTERPRET=1 was set: import kernel_testing first"
+    yield
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

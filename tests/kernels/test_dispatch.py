@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from kernel_testing import assert_close, interpret  # noqa: F401
+from kernel_testing import assert_close, cpu_only, interpret  # noqa: F401
 
 from raymoe.kernels import kernel_mode, use_kernels, use_triton
 from raymoe.platform.config import load_config
@@ -17,6 +17,7 @@ from raymoe.platform.inference.runner import LocalRunner
 from raymoe.platform.model.transformer import DeepseekV3, prepare_for_inference
 
 
+@cpu_only
 def test_switch_env_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
     assert kernel_mode() == "auto" and not use_triton(cpu)  # auto: CUDA tensors only
@@ -36,6 +37,7 @@ def test_switch_env_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
             pass
 
 
+@cpu_only
 def test_forcing_triton_on_cpu_without_the_interpreter_says_how() -> None:
     """A fresh process without TRITON_INTERPRET: a forced kernel on CPU tensors raises a clear error."""
     code = (

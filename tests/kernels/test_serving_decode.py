@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import kernel_testing  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 import pytest
 import torch
+from kernel_testing import interpret  # noqa: F401  (TRITON_INTERPRET before triton is imported; CUDA on a GPU run)
 
 from raymoe.kernels import dispatch
 from raymoe.platform.config import load_config

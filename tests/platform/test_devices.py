@@ -1,0 +1,50 @@
+"""Devices: ``parallel.device`` and serve's ``device`` (auto | cpu | cuda), and what a machine without CUDA says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymoe.platform.config import ConfigError, load_config
+from raymoe.platform.devices import check_device_name, resolve_device
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the answers of a machine without CUDA")
+
+
+def test_names_are_checked_where_they_are_given() -> None:
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        check_device_name(good, "parallel.device")
+    for bad in ("gpu", "cuda:x", "cpu:0", "mps"):
+        with pytest.raises(ValueError, match="parallel.device must be one of auto, cpu, cuda"):
+            check_device_name(bad, "parallel.device")
+    with pytest.raises(ConfigError, match="parallel.device must be one of"):
+        load_config("tiny", ["parallel.device=gpu"])
+    from pydantic import ValidationError
+
+    from raymoe.pipelines.serve import ServeArgs
+
+    assert ServeArgs(checkpoint="x").device == "auto"
+    with pytest.raises(ValidationError, match="device must be one of"):
+        ServeArgs(checkpoint="x", device="tpu")
+
+
+@no_cuda
+def test_auto_is_the_cpu_and_cuda_is_a_clear_error_without_a_gpu() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="parallel.device=cuda: this process sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device=cuda: this process sees no CUDA device"):
+        resolve_device("cuda", "device")
+
+
+@no_cuda
+def test_trainers_on_cuda_without_a_gpu_fail_at_start_naming_the_field() -> None:
+    from raymoe.actors.driver import GraphTrainer
+    from raymoe.platform.train.trainer import LocalTrainer
+
+    assert LocalTrainer(load_config("tiny")).device.type == "cpu"  # auto
+    with pytest.raises(ConfigError, match="parallel.device=cuda"):
+        LocalTrainer(load_config("tiny", ["parallel.device=cuda"]))
+    with pytest.raises(ConfigError, match="parallel.device=cuda"):  # each actor resolves its device (in process here)
+        GraphTrainer(load_config("tiny", ["parallel.device=cuda", "parallel.ep=2"]), in_process=True)
