@@ -27,6 +27,7 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
         ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
     else:
         ray.init(
+            address="local",  # a Ray of its own for this map, even where another runs on this machine
             num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False
         )
     try:

@@ -32,7 +32,7 @@ import torch
 
 from raymoe.actors.messages import BackwardRefs, StageRefs, TrainInput
 from raymoe.actors.placement import Placement, build_placement
-from raymoe.actors.runtime import GraphError, make_runtime
+from raymoe.actors.runtime import GraphError, actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import Stage
 from raymoe.platform.checkpoint.reader import open_checkpoint
@@ -80,6 +80,9 @@ class GraphTrainer:
         options = actor_options(cfg, many=not self.colocated)
         t0 = time.perf_counter()
         try:
+            n_actors = 1 if self.colocated else self.dp * self.pp + self.ep
+            bundle = actor_bundle(p.num_cpus_per_actor, p.num_gpus_per_actor, p.memory_per_actor_gb)
+            self.rt.reserve([bundle] * n_actors, p.placement, p.reserve_timeout_s)
             self.stages = [
                 [
                     self.rt.make(
@@ -97,6 +100,7 @@ class GraphTrainer:
             self.shutdown()  # actors that did start (or wait for resources) must not linger
             raise
         self.pids = {label: i["pid"] for label, i in zip(self.rt.labels, info)}
+        self.rt.record(info)
         self.param_bytes = {label: i["param_bytes"] for label, i in zip(self.rt.labels, info)}
         if self.dp > 1 and not self.rt.in_process:
             self._init_collectives()

@@ -30,7 +30,7 @@ from typing import Any
 
 from raymoe.actors.driver import GraphTrainer
 from raymoe.actors.policy import FailureAction, FailurePolicy, Layout, ScalingPolicy
-from raymoe.actors.runtime import GraphError, ensure_ray
+from raymoe.actors.runtime import GraphError, actor_bundle, ensure_ray
 from raymoe.platform.checkpoint.layout import latest_checkpoint
 from raymoe.platform.config import ConfigError, RaymoeConfig
 from raymoe.platform.train.trainer import StepRewound
@@ -38,6 +38,27 @@ from raymoe.platform.train.trainer import StepRewound
 logger = logging.getLogger(__name__)
 
 RESIZE_FILE = "resize.json"
+
+
+def bundles_that_fit(bundle: dict[str, float], free_per_node: dict[str, dict[str, float]] | None = None) -> int:
+    """How many copies of ``bundle`` the nodes' free resources hold, node by node (a bundle cannot span nodes)."""
+    if free_per_node is None:
+        free_per_node = free_resources_per_node()
+    return sum(
+        min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for free in free_per_node.values()
+    )
+
+
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """Free resources of every alive node (node id -> resources)."""
+    import ray
+
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return available_resources_per_node()
+    except (ImportError, AttributeError):  # a Ray without the per-node view: one node with the cluster's sum
+        return {"cluster": ray.available_resources()}
 
 
 def request_resize(output: str | Path, dp: int | None = None, ep: int | None = None) -> Path:
@@ -141,27 +162,20 @@ class ElasticGraph:
         return graph
 
     def placeable(self, held: int) -> int | None:
-        """How many graph actors the cluster can hold: ``held`` already running plus what fits in the free resources.
+        """How many graph actors the cluster can hold: ``held`` already running plus the bundles that fit now.
 
-        None when actors reserve nothing (then any number fits). Resources are summed over the
-        cluster (how they split across nodes is not modelled)."""
-        import ray
-
+        Counted node by node from each node's free resources (a bundle sits on one node), or None
+        when actors reserve no CPU, GPU or memory of their own (then any number fits)."""
         ensure_ray()
         p = self.cfg.parallel
-        need = {k: v for k, v in (("CPU", p.num_cpus_per_actor), ("GPU", p.num_gpus_per_actor)) if v > 0}
-        if not need:
+        if not (p.num_cpus_per_actor > 0 or p.num_gpus_per_actor > 0 or p.memory_per_actor_gb > 0):
             return None
-
-        def fits() -> int:
-            free = ray.available_resources()
-            return min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items())
-
+        bundle = actor_bundle(p.num_cpus_per_actor, p.num_gpus_per_actor, p.memory_per_actor_gb)
         # resources of actors killed just now come back a moment later: read until it stops growing
-        more, deadline = fits(), time.monotonic() + 3.0
+        more, deadline = bundles_that_fit(bundle), time.monotonic() + 3.0
         while time.monotonic() < deadline:
             time.sleep(0.25)
-            again = fits()
+            again = bundles_that_fit(bundle)
             if again <= more:
                 break
             more = again
@@ -172,45 +186,48 @@ class ElasticGraph:
     def recover(self, error: BaseException, checkpoint_root: str | None) -> dict | None:
         """After a failed step: decide, rebuild on what can be placed, restore the latest checkpoint.
 
-        Returns the restored checkpoint's state (the loop rewinds its loader to it), or None when
-        there is no checkpoint yet (the loop starts over). Raises GraphError when the failure
-        policy gives up."""
-        self.failures += 1
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        decision = self.failure_policy.on_failure(cause)
-        self.events.append(
-            {"kind": "failure", "cause": cause, "step": self.graph.step, "action": decision.action.value}
-        )
-        logger.warning("actor graph failure %d at step %d: %s", self.failures, self.graph.step, cause)
-        self.graph.shutdown()
-        if decision.action is FailureAction.RAISE:
-            raise GraphError(decision.reason) from error
-        if decision.delay_s:
-            self.sleep(decision.delay_s)
+        A fault while rebuilding or restoring (an actor or a node lost again, too few resources for
+        now) is one more failure under the same policy, and the rebuild is tried again after its
+        backoff; only the policy's limit ends the run. Returns the restored checkpoint's state (the
+        loop rewinds its loader to it), or None when there is no checkpoint yet (the loop starts
+        over). Raises GraphError when the failure policy gives up."""
+        step = self.graph.step
+        self._failed(error, step, "the step")
         while True:
             try:
                 layout = self._fitting(self.wanted, self.placeable(0))
-            except ConfigError as exc:
-                raise GraphError(f"cannot rebuild the actor graph: {exc}") from error
-            try:
                 self.graph = self._build(layout)
+                ckpt = latest_checkpoint(checkpoint_root) if checkpoint_root else None
+                state = self.graph.load_checkpoint(ckpt) if ckpt is not None else None
                 break
-            except GraphError as exc:  # an actor could not start: count it, back off, try again
-                decision = self.failure_policy.on_failure(str(exc))
-                if decision.action is FailureAction.RAISE:
-                    raise GraphError(decision.reason) from exc
-                self.sleep(decision.delay_s)
+            except (GraphError, ConfigError) as exc:  # the rebuild or the restore failed: count it, back off, retry
+                self._failed(exc, step, "the recovery")
         if layout != self.layout:
             logger.warning("actor graph rebuilt at dp=%d ep=%d (was dp=%d ep=%d)", layout.dp, layout.ep,
                            self.layout.dp, self.layout.ep)  # fmt: skip
         self.layout = layout
-        ckpt = latest_checkpoint(checkpoint_root) if checkpoint_root else None
         if ckpt is None:
             logger.warning("no checkpoint yet: starting over from step 0")
             return None
-        state = self.graph.load_checkpoint(ckpt)
         logger.info("restored %s (step %d) on dp=%d ep=%d", ckpt, self.graph.step, layout.dp, layout.ep)
         return state
+
+    def _failed(self, error: BaseException, step: int, during: str) -> None:
+        """Count a failure, record it, stop the graph, and back off; GraphError when the policy gives up."""
+        self.failures += 1
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        decision = self.failure_policy.on_failure(cause)
+        self.events.append({"kind": "failure", "cause": cause, "step": step, "during": during,
+                            "action": decision.action.value})  # fmt: skip
+        logger.warning("actor graph failure %d during %s at step %d: %s", self.failures, during, step, cause)
+        try:
+            self.graph.shutdown()
+        except Exception:  # noqa: BLE001 - a graph that failed to build may be half made
+            logger.debug("shutting down the failed graph", exc_info=True)
+        if decision.action is FailureAction.RAISE:
+            raise GraphError(decision.reason) from error
+        if decision.delay_s:
+            self.sleep(decision.delay_s)
 
     # -- growing --------------------------------------------------------------------------------
 

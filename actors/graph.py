@@ -23,7 +23,7 @@ import torch
 from raymoe.actors.driver import actor_options
 from raymoe.actors.messages import InferInput, StageOutput, StageRefs
 from raymoe.actors.placement import build_placement
-from raymoe.actors.runtime import make_runtime
+from raymoe.actors.runtime import actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import ServingSpec, Stage
 from raymoe.platform.config import ParallelConfig, RaymoeConfig
@@ -80,6 +80,8 @@ class GraphRunner:
                            device=device)  # fmt: skip
         options = actor_options(run_cfg, many=True)
         try:
+            bundle = actor_bundle(num_cpus_per_actor, num_gpus_per_actor)
+            self.rt.reserve([bundle] * (self.pp + ep), parallel.placement, parallel.reserve_timeout_s)
             self.stages = [self.rt.make(Stage, f"Stage({s})", options, run_cfg, self.placement, 0, s, False, spec)
                            for s in range(self.pp)]  # fmt: skip
             self.shards = [self.rt.make(Shard, f"Shard({k})", options, run_cfg, self.placement, k, spec)
@@ -90,6 +92,7 @@ class GraphRunner:
             self.close()
             raise
         self.actor_pids = {label: info["pid"] for label, info in zip(self.rt.labels, ready)}
+        self.rt.record(ready)
         self.actor_param_bytes = {label: info["param_bytes"] for label, info in zip(self.rt.labels, ready)}
         self.moe_main = [[layer for layer in self.placement.moe_layers
                           if layer < model_config.num_hidden_layers and self.placement.stage_of(layer) == s]

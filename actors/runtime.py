@@ -68,6 +68,18 @@ def ensure_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
+def this_node() -> dict[str, str]:
+    """The Ray node this process runs on (``node_id``, ``node_ip``); empty outside Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return {}
+
+
 def first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -89,9 +101,19 @@ class Runtime:
         self.where = where
         self.actors: list[Any] = []
         self.labels: list[str] = []
+        self.nodes: dict[str, dict[str, str]] = {}  # label -> the node the actor runs on (from its ready())
+
+    def record(self, infos: list[dict]) -> None:
+        """Keep what each actor's ``ready()`` said of its node (in the order of the actors)."""
+        for label, info in zip(self.labels, infos):
+            if info.get("node_id"):
+                self.nodes[label] = {"node_id": info["node_id"], "node_ip": info.get("node_ip", "")}
 
     def make(self, cls: type, label: str, options: dict, *args: Any) -> Any:
         raise NotImplementedError
+
+    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> None:
+        """Reserve one bundle per actor to come, all or nothing (Ray: a placement group); nothing in process."""
 
     def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
         """Call ``actor.method(*args)``; its ``n`` results (Ray: object references, at once)."""
@@ -133,10 +155,39 @@ class RayRuntime(Runtime):
     def __init__(self, timeout_s: float, long_timeout_s: float, where: str = "") -> None:
         super().__init__(timeout_s, long_timeout_s, where)
         ensure_ray()
+        self.group: Any = None  # the placement group of the actors, when reserved
+
+    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> None:
+        """One placement group, a bundle per actor, all or nothing; GraphError naming what is missing on timeout.
+
+        Actors made afterwards go into the bundles in order (the n-th actor into bundle n)."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        group = placement_group(bundles, strategy=strategy)
+        if not group.wait(timeout_s):
+            remove_placement_group(group)
+            need: dict[str, float] = {}
+            for b in bundles:
+                for k, v in b.items():
+                    need[k] = need.get(k, 0.0) + v
+            free = ray.available_resources()
+            short = {k: f"{v:g} needed, {free.get(k, 0.0):g} free" for k, v in need.items() if free.get(k, 0.0) < v}
+            raise GraphError(
+                f"{self.where + ': ' if self.where else ''}cannot place {len(bundles)} actors ({strategy}) within "
+                f"{timeout_s:g} s: each needs {_resources(bundles[0])}; "
+                + (f"missing {short}" if short else f"no node fits them as {strategy} asks (free: {_resources(free)})")
+            )
+        self.group = group
 
     def make(self, cls: type, label: str, options: dict, *args: Any) -> Any:
         import ray
 
+        if self.group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=len(self.actors))
+            options = {**options, "scheduling_strategy": strategy}
         actor = ray.remote(cls).options(**options).remote(*args)
         self.actors.append(actor)
         self.labels.append(label)
@@ -167,8 +218,9 @@ class RayRuntime(Runtime):
             cause = getattr(exc, "cause", None) or exc
             dead = self.dead_actors()
             if dead:  # an error can surface on a live actor whose input came from the dead one: name the dead
-                node = " (its node is gone)" if "node" in str(exc).lower() and "died" in str(exc).lower() else ""
-                raise GraphError(f"{where}{', '.join(dead)} died while {what}{node}: {first_line(exc)}") from exc
+                lost = self.lost_nodes(dead)
+                gone = f" (lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)})" if lost else ""
+                raise GraphError(f"{where}{', '.join(dead)} died while {what}{gone}: {first_line(exc)}") from exc
             who = self._who(exc)
             raise GraphError(f"{where}{who} failed while {what}: {type(cause).__name__}: {cause}") from exc
 
@@ -204,6 +256,18 @@ class RayRuntime(Runtime):
                 dead.append(label)
         return dead
 
+    def lost_nodes(self, labels: list[str]) -> list[str]:
+        """The nodes of ``labels``' actors that Ray no longer counts alive, as ``ip (node id…)``."""
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = {}
+        for label in labels:
+            node = self.nodes.get(label)
+            if node and node["node_id"] not in alive:
+                lost[node["node_id"]] = f"{node['node_ip']} (node {node['node_id'][:12]})"
+        return sorted(lost.values())
+
     def settle(self, refs: list) -> None:
         import ray
 
@@ -224,7 +288,33 @@ class RayRuntime(Runtime):
                 ray.get(a.ready.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - expected: the actor is dead
                 pass
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.group)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+            self.group = None
         super().close()
+
+
+def _resources(r: dict[str, float]) -> str:
+    shown = {k: v for k, v in r.items() if k in ("CPU", "GPU", "memory") or not k.startswith(("node:", "object_store"))}
+    return ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(shown.items()))
+
+
+MIN_BUNDLE_CPU = 0.01  # a bundle must reserve something: an actor that asks for no CPU takes this sliver
+
+
+def actor_bundle(num_cpus: float, num_gpus: float, memory_gb: float = 0.0) -> dict[str, float]:
+    """The placement-group bundle of one actor of the graph."""
+    bundle = {"CPU": max(num_cpus, MIN_BUNDLE_CPU)}
+    if num_gpus > 0:
+        bundle["GPU"] = num_gpus
+    if memory_gb > 0:
+        bundle["memory"] = memory_gb * 2**30
+    return bundle
 
 
 def make_runtime(in_process: bool, timeout_s: float, long_timeout_s: float, where: str = "") -> Runtime:

@@ -20,7 +20,7 @@ from torch import nn
 
 from raymoe.actors.messages import DispatchBuffer, ExpertGrads
 from raymoe.actors.placement import Placement
-from raymoe.actors.runtime import GraphError, set_threads
+from raymoe.actors.runtime import GraphError, set_threads, this_node
 from raymoe.actors.stage import ServingSpec
 from raymoe.platform.checkpoint.layout import OPTIMIZER_PREFIX, experts_file, split_experts
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
@@ -86,7 +86,8 @@ class Shard:
     def ready(self) -> dict:
         experts = {layer: self.placement.experts_on(self.shard, layer) for layer in self.placement.moe_layers}
         params = sum(p.numel() for _, p in self.params)
-        return {"pid": os.getpid(), "params": params, "param_bytes": self.param_bytes, "experts": experts}
+        return {"pid": os.getpid(), "params": params, "param_bytes": self.param_bytes, "experts": experts,
+                **this_node()}  # fmt: skip
 
     def _reset_step(self) -> None:
         self.ran: set[int] = set()

@@ -30,7 +30,7 @@ import torch
 
 from raymoe.actors.messages import DispatchBuffer, InferInput, StageOutput, TrainInput
 from raymoe.actors.placement import Placement
-from raymoe.actors.runtime import GraphError, free_port, set_threads
+from raymoe.actors.runtime import GraphError, free_port, set_threads, this_node
 from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, split_experts, stage_file
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
@@ -228,7 +228,7 @@ class Stage(Collective):
     def ready(self) -> dict:
         moe = sorted(self.part.moe_by_layer())
         return {"pid": os.getpid(), "params": sum(p.numel() for _, p in self.params), "param_bytes": self.param_bytes,
-                "layers": [b.layer_id for b in self.part.blocks()], "moe_layers": moe}  # fmt: skip
+                "layers": [b.layer_id for b in self.part.blocks()], "moe_layers": moe, **this_node()}  # fmt: skip
 
     def _reset_step(self) -> None:
         E = self.cfg.model.n_routed_experts

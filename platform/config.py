@@ -97,6 +97,11 @@ class ParallelConfig:
     device: str = "auto"  # auto (CUDA when the process sees a GPU) | cpu | cuda: where every trainer computes
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
+    memory_per_actor_gb: float = 0.0  # memory each actor's bundle reserves (0: none)
+    placement: str = "PACK"  # PACK (fill nodes in turn) | SPREAD (one actor per node where it can): the placement group
+    reserve_timeout_s: float = (
+        60.0  # the longest the graph waits for its placement group before it names what is missing
+    )
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
     long_timeout_s: float = 600.0  # the same for starting actors, checkpoints and evaluation
 
@@ -318,7 +323,10 @@ def validate(cfg: RaymoeConfig) -> None:
     p = cfg.parallel
     _positive("parallel", p, ("dp", "pp", "ep", "micro_batches"))
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
-    _positive("parallel", p, ("timeout_s", "long_timeout_s"))
+    _positive("parallel", p, ("timeout_s", "long_timeout_s", "reserve_timeout_s"))
+    _positive("parallel", p, ("memory_per_actor_gb",), ("memory_per_actor_gb",))
+    if p.placement not in ("PACK", "SPREAD"):
+        raise ConfigError(f"parallel.placement must be PACK or SPREAD, got {p.placement!r}")
     from raymoe.platform.devices import check_device_name
 
     try:

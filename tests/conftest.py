@@ -37,14 +37,21 @@ def tiny_variant(**changes: object) -> ModelConfig:
     return dataclasses.replace(load_config("tiny").model, **changes)
 
 
+def start_local_ray() -> None:
+    """The session's local Ray: 2 CPUs, no dashboard (what ``ray_local`` starts, and restarts after a cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):  # noqa: ANN001, F811  (s3_server first: workers inherit its variables at ray.init)
     """One local Ray for the whole session (2 CPUs, no dashboard), always shut down at the end."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     try:
         yield ray
     finally:

@@ -214,6 +214,7 @@ def _start_ray(opts: GraphBenchOptions) -> tuple[bool, bool]:
             logger.warning("Ray is already running: the actors do not get %s", env)
         return False, not env
     ray.init(
+        address="local",  # its own Ray, even where another one runs on this machine
         num_cpus=RAY_NUM_CPUS,
         include_dashboard=False,
         log_to_driver=False,
