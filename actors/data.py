@@ -28,7 +28,10 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
     else:
         ray.init(
             address="local",  # a Ray of its own for this map, even where another runs on this machine
-            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
         )
     try:
         yield
