@@ -18,6 +18,11 @@ draft of the token after the next. The next step verifies the draft in the same 
 next token; :func:`~raymoe.platform.inference.sampling.accept_draft` keeps it or replaces it.
 Greedy output is token-identical to plain decoding; the acceptance rate is in :meth:`stats`.
 
+Failures: a failure in one request's own part of a step (its logits not finite, its sampling, its
+text) ends that request alone, with ``finish_reason`` ``"error"``; the engine and the other
+requests go on. A failure of the runner (the forward that every request of the step shares, e.g.
+an actor of the graph died) ends every request and the engine (:class:`EngineDead`).
+
 The engine is driven by :meth:`step` (tests, benchmarks) or by its own thread (:meth:`start`,
 the Serve replica); :meth:`submit` and :meth:`abort` may be called from any thread.
 """
@@ -37,7 +42,15 @@ import torch
 
 from raymoe.platform.inference.batch import SeqRun, build_step
 from raymoe.platform.inference.cache import BlockAllocator
-from raymoe.platform.inference.sampling import SamplingParams, accept_draft, choose, make_generator
+from raymoe.platform.inference.sampling import (
+    SamplingError,
+    SamplingParams,
+    TokenLogprob,
+    accept_draft,
+    choose,
+    make_generator,
+    token_logprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +60,17 @@ class EngineOverloaded(RuntimeError):
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as asked; ``field`` names the request field at fault."""
+    """A request the engine cannot serve as asked; ``field`` names the request field at fault, ``code``
+    OpenAI's error code where it has one (``context_length_exceeded``)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.code = code
+
+
+class NonFiniteLogits(ArithmeticError):
+    """The model's logits for one request are NaN or infinite: that request ends with an error."""
 
 
 class EngineDead(RuntimeError):
@@ -88,6 +107,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked
 
 
 @dataclass
@@ -159,6 +179,10 @@ class Engine:
 
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise RequestError (naming the field) for a request this engine could never serve."""
+        try:
+            params.check()  # its seed must fit the generator, etc.
+        except SamplingError as exc:
+            raise RequestError(exc.field, str(exc)) from None
         if not prompt:
             raise RequestError("prompt", "the prompt is empty; it needs at least one token")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
@@ -171,6 +195,7 @@ class Engine:
                 field,
                 f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the model's "
                 f"context of {limit} tokens",
+                code="context_length_exceeded",
             )
         need = self.allocator.blocks_for(self.tokens_needed(len(prompt), params.max_tokens))
         if need > self.allocator.capacity_blocks:
@@ -243,6 +268,7 @@ class Engine:
             "prompt_tokens": c["prompt_tokens"],
             "generated_tokens": c["generated_tokens"],
             "rejected_overload": c["rejected_overload"],
+            "request_errors": c["request_errors"],
         }
 
     # -- the step ---------------------------------------------------------------------------
@@ -300,52 +326,75 @@ class Engine:
         batch = build_step(runs, self.runner.block_size, self.runner.naive_min_run)
         starts = [0, *itertools.accumulate(batch.lengths)]
         logit_rows: list[int] = []
+        row_counts: list[int] = []  # logit rows of each run: 0 (a chunk inside the prompt), 1, or 2 (with a draft)
         for seq, run, first in zip(seqs, runs, starts):
-            if seq.prefilling and seq.computed + len(run.tokens) < len(seq.prompt):
-                continue  # a chunk that does not finish the prompt predicts nothing
             end = first + len(run.tokens)
-            logit_rows.extend(range(end - 1, end) if seq.prefilling else range(first, end))
+            if seq.prefilling:
+                # a chunk that does not finish the prompt predicts nothing; one that does, the first token
+                rows = range(end - 1, end) if seq.computed + len(run.tokens) == len(seq.prompt) else range(0)
+            else:
+                rows = range(first, end)
+            logit_rows.extend(rows)
+            row_counts.append(len(rows))
         hidden_rows = torch.arange(batch.num_rows) if self.speculative else None
+        # the runner's failure is every request's: it propagates and ends the engine (see _loop)
         logits, hidden = self.runner.main(batch, torch.tensor(logit_rows, dtype=torch.long), hidden_rows)
         logits = logits.cpu()  # sampling draws from CPU generators (one per seeded request)
+        finite = torch.isfinite(logits).all(-1)  # [R]: one request's NaN or inf is that request's failure
         self.counters["steps"] += 1
 
         accepted: list[int] = []  # positions of each run now valid in the main cache
         cursor = 0
-        for seq, run in zip(seqs, runs):
-            if seq.prefilling:
-                seq.computed += len(run.tokens)
-                self.counters["prompt_tokens"] += len(run.tokens)
-                accepted.append(len(run.tokens))
-                if seq.prefilling:
-                    continue
-                new = [choose(logits[cursor], seq.params, seq.gen)]
-                cursor += 1
-            elif seq.draft is None:
-                seq.computed += 1
-                accepted.append(1)
-                new = [choose(logits[cursor], seq.params, seq.gen)]
-                cursor += 1
-            else:
-                ok, token = accept_draft(logits[cursor], seq.draft, seq.params, seq.gen)
-                self.counters["draft_proposed"] += 1
-                if ok:
-                    self.counters["draft_accepted"] += 1
-                    new = [token, choose(logits[cursor + 1], seq.params, seq.gen)]
-                else:
-                    new = [token]
-                seq.computed += len(new)
-                accepted.append(len(new))
-                cursor += 2
-            seq.draft = None
-            self._append(seq, new)
+        for seq, run, n_rows in zip(seqs, runs, row_counts):
+            rows = slice(cursor, cursor + n_rows)
+            cursor += n_rows
+            try:
+                accepted.append(self._advance(seq, run, logits[rows], bool(finite[rows].all())))
+            except Exception as exc:  # this request's own failure: it ends, the batch goes on
+                logger.exception("request %s failed in step %d", seq.id, self.counters["steps"])
+                self.counters["request_errors"] += 1
+                self._finish(seq, "error", f"generation failed for this request: {type(exc).__name__}: {exc}")
+                accepted.append(0)
 
         if self.speculative:
             self._draft(seqs, runs, accepted, hidden, starts)
         self._running = [s for s in self._running if s.blocks]
         return len(seqs)
 
-    def _append(self, seq: _Seq, new: list[int]) -> None:
+    def _advance(self, seq: _Seq, run: SeqRun, logits: torch.Tensor, finite: bool) -> int:
+        """One sequence's part of a step after the forward, from its logit rows [0..2, V]: the next tokens
+        chosen (a draft verified) and appended. Returns the positions of its run now valid in the main cache."""
+        if seq.prefilling:
+            seq.computed += len(run.tokens)
+            self.counters["prompt_tokens"] += len(run.tokens)
+            if seq.prefilling:
+                return len(run.tokens)
+        if not finite:
+            raise NonFiniteLogits("the model's logits for this request are not finite (NaN or inf)")
+        if run.start < len(seq.prompt):  # the prompt's last chunk: it predicts the first token
+            accepted = len(run.tokens)
+            new = [choose(logits[0], seq.params, seq.gen)]
+        elif seq.draft is None:
+            seq.computed += 1
+            accepted = 1
+            new = [choose(logits[0], seq.params, seq.gen)]
+        else:
+            ok, token = accept_draft(logits[0], seq.draft, seq.params, seq.gen)
+            self.counters["draft_proposed"] += 1
+            if ok:
+                self.counters["draft_accepted"] += 1
+                new = [token, choose(logits[1], seq.params, seq.gen)]
+            else:
+                new = [token]
+            seq.computed += len(new)
+            accepted = len(new)
+        seq.draft = None
+        top = seq.params.logprobs
+        logprobs = None if top is None else [token_logprob(logits[i], t, top) for i, t in enumerate(new)]
+        self._append(seq, new, logprobs)
+        return accepted
+
+    def _append(self, seq: _Seq, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         """Add the step's new tokens to a sequence, stopping at EOS, max_tokens or a stop string."""
         added: list[int] = []
         reason = None
@@ -374,7 +423,8 @@ class Engine:
             text = text[: max(cut, len(seq.text))]
         delta = text[len(seq.text) :]
         seq.text = text
-        self._emit(seq, added, finished=reason is not None, reason=reason, text=delta)
+        kept = logprobs[: len(added)] if logprobs is not None else None
+        self._emit(seq, added, finished=reason is not None, reason=reason, text=delta, logprobs=kept)
         if reason is not None:
             self._release(seq)
 
@@ -400,7 +450,8 @@ class Engine:
         for j, i in enumerate(want):
             drafting[i].draft = int(logits[j].argmax())
 
-    def _emit(self, seq: _Seq, tokens: list[int], finished: bool, reason: str | None, text: str = "", error=None):
+    def _emit(self, seq: _Seq, tokens: list[int], finished: bool, reason: str | None, text: str = "", error=None,
+              logprobs: list[TokenLogprob] | None = None):  # fmt: skip
         out = Output(
             request_id=seq.id,
             token_ids=tokens,
@@ -410,6 +461,7 @@ class Engine:
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
             error=error,
+            logprobs=logprobs if logprobs is not None else ([] if seq.params.logprobs is not None else None),
         )
         try:
             seq.on_output(out)
@@ -451,7 +503,7 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as exc:  # the runner failed: nothing can be served any more
+            except Exception as exc:  # the runner failed (a request's own failure ends in step): nothing can be served
                 logger.exception("engine step failed")
                 with self._lock:
                     self.dead = f"the engine failed: {type(exc).__name__}: {exc}"
