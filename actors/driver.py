@@ -75,7 +75,7 @@ class GraphTrainer:
         self.dp, self.pp, self.ep = p.dp, self.placement.pp, self.placement.ep
         self.colocated = self.dp == self.pp == self.ep == 1 and placement is None
         self.step = 0
-        self.rt = make_runtime(in_process, p.timeout_s, p.long_timeout_s, where="step 0")
+        self.rt = make_runtime(in_process, p.timeout_s, p.long_timeout_s, where="step 0", transport=p.transport)
         self.biases = torch.zeros(len(self.placement.moe_layers), cfg.model.n_routed_experts)
         options = actor_options(cfg, many=not self.colocated)
         t0 = time.perf_counter()
@@ -96,6 +96,8 @@ class GraphTrainer:
                 self.rt.make(Shard, f"Shard({k})", options, cfg, self.placement, k) for k in range(self.ep)
             ]  # fmt: skip
             info = self.rt.get([self.rt.call(a, "ready")[0] for a in self.actors()], "starting the actors", long=True)
+            if not self.colocated:
+                self.rt.connect()
         except BaseException:
             self.shutdown()  # actors that did start (or wait for resources) must not linger
             raise
@@ -146,6 +148,14 @@ class GraphTrainer:
         return out
 
     def _init_collectives(self) -> None:
+        if getattr(self.rt, "collective", None) is not None:  # the direct transport made the world: subgroups of it
+            rank = {id(a): i for i, a in enumerate(self.rt.actors)}
+            for s in range(self.pp):
+                group = [self.stages[r][s] for r in range(self.dp)]
+                ranks = [rank[id(a)] for a in group]
+                calls = [self.rt.call(a, "join", ranks)[0] for a in group]
+                self.rt.get(calls, f"the gradient all-reduce group of stage {s}", long=True)
+            return
         for s in range(self.pp):
             group = [self.stages[r][s] for r in range(self.dp)]
             addr, port = self.rt.get(self.rt.call(group[0], "node_address"), "collective setup", long=True)[0]
@@ -260,9 +270,11 @@ class GraphTrainer:
                     st = self.stages[r][s]
                     batch = batches[r][key] if train else batches[key]
                     if s == 0 and train and self.mtp_across_stages:
-                        emb[(r, key)] = rt.call(st, "mtp_embed", key, batch)[0]
+                        emb[(r, key)] = rt.call(st, "mtp_embed", key, batch, direct=True)[0]
                     mtp = emb.get((r, key)) if s == self.pp - 1 else None
-                    outs[(r, key)] = StageRefs.of(rt.call(st, "begin", key, batch, carry.get((r, key)), mtp, n=ep + 1))
+                    outs[(r, key)] = StageRefs.of(
+                        rt.call(st, "begin", key, batch, carry.get((r, key)), mtp, n=ep + 1, direct=True)
+                    )
             for layer in self._moe_run(s, train):
                 for group in groups:
                     shard_key = group[0][1]
@@ -275,11 +287,14 @@ class GraphTrainer:
                             train,
                             *[outs[(r, key)].buffers[k] for r, key in group],
                             n=len(group),
+                            direct=True,
                         )  # fmt: skip
                         for k in range(ep)
                     ]
                     for i, (r, key) in enumerate(group):
-                        refs = rt.call(self.stages[r][s], "resume", key, *[so[i] for so in shard_outs], n=ep + 1)
+                        refs = rt.call(
+                            self.stages[r][s], "resume", key, *[so[i] for so in shard_outs], n=ep + 1, direct=True
+                        )
                         outs[(r, key)] = StageRefs.of(refs)
             carry = {rk: o.output for rk, o in outs.items()}
 
@@ -291,7 +306,7 @@ class GraphTrainer:
             outs: dict[tuple, BackwardRefs] = {}
             for group in groups:
                 for r, key in group:
-                    refs = rt.call(self.stages[r][s], "backward_begin", key, grad.get((r, key)), n=ep + 2)
+                    refs = rt.call(self.stages[r][s], "backward_begin", key, grad.get((r, key)), n=ep + 2, direct=True)
                     outs[(r, key)] = BackwardRefs.of(refs)
             for layer in reversed(self._moe_run(s, True)):
                 for group in groups:
@@ -304,12 +319,13 @@ class GraphTrainer:
                             shard_key,
                             *[outs[(r, key)].grads[k] for r, key in group],
                             n=len(group),
+                            direct=True,
                         )  # fmt: skip
                         for k in range(ep)
                     ]
                     for i, (r, key) in enumerate(group):
                         refs = rt.call(self.stages[r][s], "backward_resume", key, *[sg[i] for sg in shard_grads],
-                                       n=ep + 2)  # fmt: skip
+                                       n=ep + 2, direct=True)  # fmt: skip
                         outs[(r, key)] = BackwardRefs.of(refs)
             grad = {rk: o.grad_hidden for rk, o in outs.items()}
             if s == self.pp - 1 and self.mtp_across_stages:

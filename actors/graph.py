@@ -47,6 +47,7 @@ class GraphRunner:
         timeout_s: the longest wait on one step.
         start_timeout_s: the longest wait for the actors to start (they import torch and load weights).
         num_cpus_per_actor, num_gpus_per_actor: Ray resources of each actor.
+        placement: the placement group's strategy, ``PACK`` or ``SPREAD`` over the nodes.
     """
 
     def __init__(
@@ -64,10 +65,11 @@ class GraphRunner:
         start_timeout_s: float = 600.0,
         num_cpus_per_actor: float = 0.0,
         num_gpus_per_actor: float = 0.0,
+        placement: str = "PACK",
     ) -> None:
         parallel = ParallelConfig(pp=pp, ep=ep, num_cpus_per_actor=num_cpus_per_actor,
                                   num_gpus_per_actor=num_gpus_per_actor, timeout_s=timeout_s,
-                                  long_timeout_s=start_timeout_s)  # fmt: skip
+                                  long_timeout_s=start_timeout_s, placement=placement)  # fmt: skip
         self.cfg = model_config
         run_cfg = dataclasses.replace(RaymoeConfig(), model=model_config, parallel=parallel)
         self.placement = build_placement(model_config, parallel)

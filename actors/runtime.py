@@ -7,6 +7,14 @@ Every driver (training's :class:`~raymoe.actors.driver.GraphTrainer`, serving's
 debugging). Every wait is bounded; a dead, hung or failing actor is a :class:`GraphError` that
 names it by its label (``Stage(replica 0, stage 1)``, ``Shard(2)``). Closing kills every actor
 and waits (briefly) until Ray reports it gone.
+
+Transports (``parallel.transport``): with ``object_store`` a call's results are Ray objects
+(serialized into the object store, read from there by the actor that takes them). With
+``direct``, the data-plane calls (``call(..., direct=True)``: activations, dispatch buffers,
+gradients) run through :meth:`Parking.park` and their results are handed out one by one by
+:meth:`Parking.take` with Ray Direct Transport: the tensors go from actor to actor over a gloo
+collective group of the graph's actors (torch.distributed's), the driver still passing only
+references. The driver's own reads (reports, losses) stay in the object store.
 """
 
 from __future__ import annotations
@@ -26,6 +34,33 @@ PROBE_TIMEOUT_S = 5.0  # how long a probe of a possibly dead actor may take
 
 class GraphError(RuntimeError):
     """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
+
+
+class Parking:
+    """What a graph actor needs for the direct transport: run a call and keep its results, hand them out one by one.
+
+    Ray Direct Transport allows one return value a call, and a stage call has one per expert shard
+    and one for the next stage; so :meth:`park` runs the call and keeps its ``n`` results under a
+    tag of the driver's, and :meth:`take` (called with ``tensor_transport``) returns result ``i``.
+    An actor runs its calls in order, so a take always finds what the park before it left."""
+
+    def park(self, tag: int, method: str, n: int, *args: Any) -> None:
+        parked = self.__dict__.setdefault("_parked", {})
+        try:
+            out = getattr(self, method)(*args)
+        except BaseException as exc:  # every take of this call re-raises it (the driver reads only the takes)
+            parked[tag] = [exc, n]
+            raise
+        parked[tag] = [[out] if n == 1 else list(out), n]
+
+    def take(self, tag: int, i: int) -> Any:
+        entry = self._parked[tag]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._parked[tag]
+        if isinstance(entry[0], BaseException):
+            raise entry[0]
+        return entry[0][i]
 
 
 def set_threads(num_cpus: float = 0.0, peers: int = 1) -> int:
@@ -115,9 +150,14 @@ class Runtime:
     def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> None:
         """Reserve one bundle per actor to come, all or nothing (Ray: a placement group); nothing in process."""
 
-    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
-        """Call ``actor.method(*args)``; its ``n`` results (Ray: object references, at once)."""
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1, direct: bool = False) -> list:
+        """Call ``actor.method(*args)``; its ``n`` results (Ray: object references, at once).
+
+        ``direct``: a data-plane call, whose results go actor to actor by the direct transport when on."""
         raise NotImplementedError
+
+    def connect(self) -> None:
+        """Join the actors made so far into the direct transport's collective group (when it is on)."""
 
     def put(self, value: Any) -> Any:
         return value
@@ -144,7 +184,7 @@ class InProcessRuntime(Runtime):
         self.labels.append(label)
         return actor
 
-    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1, direct: bool = False) -> list:
         out = getattr(actor, method)(*args)
         return [out] if n == 1 else list(out)  # as Ray's num_returns splits them
 
@@ -152,10 +192,13 @@ class InProcessRuntime(Runtime):
 class RayRuntime(Runtime):
     """Ray actors: calls return object references at once; the driver passes them on and waits only in :meth:`get`."""
 
-    def __init__(self, timeout_s: float, long_timeout_s: float, where: str = "") -> None:
+    def __init__(self, timeout_s: float, long_timeout_s: float, where: str = "", transport: str = "object_store"):
         super().__init__(timeout_s, long_timeout_s, where)
         ensure_ray()
         self.group: Any = None  # the placement group of the actors, when reserved
+        self.direct = transport == "direct"
+        self.collective: Any = None  # the direct transport's collective group, once connected
+        self.tags = 0
 
     def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> None:
         """One placement group, a bundle per actor, all or nothing; GraphError naming what is missing on timeout.
@@ -188,14 +231,36 @@ class RayRuntime(Runtime):
 
             strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=len(self.actors))
             options = {**options, "scheduling_strategy": strategy}
-        actor = ray.remote(cls).options(**options).remote(*args)
+        remote = ray.remote(enable_tensor_transport=True)(cls) if self.direct else ray.remote(cls)
+        actor = remote.options(**options).remote(*args)
         self.actors.append(actor)
         self.labels.append(label)
         return actor
 
-    def call(self, actor: Any, method: str, *args: Any, n: int = 1) -> list:
+    def call(self, actor: Any, method: str, *args: Any, n: int = 1, direct: bool = False) -> list:
+        if direct and self.collective is not None:
+            self.tags += 1
+            actor.park.remote(self.tags, method, n, *args)
+            return [actor.take.options(tensor_transport=GLOO).remote(self.tags, i) for i in range(n)]
         refs = getattr(actor, method).options(num_returns=n).remote(*args)
         return [refs] if n == 1 else list(refs)
+
+    def connect(self) -> None:
+        """One gloo collective group of every actor (ranks in the order they were made), for the direct transport.
+
+        It initializes torch.distributed in each actor with that world; the replicas' gradient
+        all-reduce then runs in a subgroup of it (:meth:`~raymoe.actors.stage.Collective.join`)."""
+        if not self.direct or len(self.actors) < 2:
+            return
+        import uuid
+
+        from ray.experimental.collective import create_collective_group
+
+        try:
+            self.collective = create_collective_group(self.actors, backend="torch_gloo", name=f"raymoe-{uuid.uuid4()}")
+        except Exception as exc:  # noqa: BLE001 - Ray's own errors: name the step
+            raise GraphError(f"{self.where + ': ' if self.where else ''}the direct transport's collective group "
+                             f"could not be made: {first_line(exc)}") from exc  # fmt: skip
 
     def put(self, value: Any) -> Any:
         import ray
@@ -278,6 +343,7 @@ class RayRuntime(Runtime):
         import ray
 
         actors = list(self.actors)
+        self.collective = None  # goes with its actors (each one's torch.distributed dies with its process)
         for a in actors:
             try:
                 ray.kill(a)
@@ -317,5 +383,12 @@ def actor_bundle(num_cpus: float, num_gpus: float, memory_gb: float = 0.0) -> di
     return bundle
 
 
-def make_runtime(in_process: bool, timeout_s: float, long_timeout_s: float, where: str = "") -> Runtime:
-    return (InProcessRuntime if in_process else RayRuntime)(timeout_s, long_timeout_s, where)
+GLOO = "gloo"  # the direct transport's tensor transport (the collective group is torch.distributed's gloo)
+
+
+def make_runtime(
+    in_process: bool, timeout_s: float, long_timeout_s: float, where: str = "", transport: str = "object_store"
+) -> Runtime:
+    if in_process:
+        return InProcessRuntime(timeout_s, long_timeout_s, where)
+    return RayRuntime(timeout_s, long_timeout_s, where, transport)

@@ -20,7 +20,7 @@ from torch import nn
 
 from raymoe.actors.messages import DispatchBuffer, ExpertGrads
 from raymoe.actors.placement import Placement
-from raymoe.actors.runtime import GraphError, set_threads, this_node
+from raymoe.actors.runtime import GraphError, Parking, set_threads, this_node
 from raymoe.actors.stage import ServingSpec
 from raymoe.platform.checkpoint.layout import OPTIMIZER_PREFIX, experts_file, split_experts
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
@@ -33,7 +33,7 @@ from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
 
-class Shard:
+class Shard(Parking):
     """Expert shard ``shard`` of ``placement.ep``.
 
     Args:

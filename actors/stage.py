@@ -30,7 +30,7 @@ import torch
 
 from raymoe.actors.messages import DispatchBuffer, InferInput, StageOutput, TrainInput
 from raymoe.actors.placement import Placement
-from raymoe.actors.runtime import GraphError, free_port, set_threads, this_node
+from raymoe.actors.runtime import GraphError, Parking, free_port, set_threads, this_node
 from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, split_experts, stage_file
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
@@ -124,10 +124,14 @@ class _FlightHooks(Hooks):
         return leaf
 
 
-class Collective:
-    """Gradient all-reduce among the replicas of one stage (torch.distributed: gloo on CPU, NCCL on GPU)."""
+class Collective(Parking):
+    """Gradient all-reduce among the replicas of one stage (torch.distributed: gloo on CPU, NCCL on GPU).
+
+    Its own process group (:meth:`setup`), or, with the direct transport, whose collective group
+    already made torch.distributed's world of all the graph's actors, a subgroup of that (:meth:`join`)."""
 
     world = 1
+    group: Any = None  # the subgroup of the replicas (direct transport); None: the default group
 
     def setup(self, address: str, port: int, world: int, rank: int, timeout_s: float) -> None:
         import datetime
@@ -143,20 +147,26 @@ class Collective:
         )  # fmt: skip
         self.world = world
 
+    def join(self, ranks: list[int]) -> None:
+        """The replicas' subgroup of the world the direct transport made (only its members call this)."""
+        import torch.distributed as dist
+
+        self.group = dist.new_group(ranks, use_local_synchronization=True)
+        self.world = len(ranks)
+
     def node_address(self) -> tuple[str, int]:
         import ray
 
         return ray.util.get_node_ip_address(), free_port()
 
-    @staticmethod
-    def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
         import torch.distributed as dist
 
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.group)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

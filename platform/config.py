@@ -86,6 +86,9 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
 
+TRANSPORTS = ("object_store", "direct")
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
     """How the actor graph cuts the model: attention replicas × stages, and expert shards."""
@@ -99,9 +102,8 @@ class ParallelConfig:
     num_gpus_per_actor: float = 0.0
     memory_per_actor_gb: float = 0.0  # memory each actor's bundle reserves (0: none)
     placement: str = "PACK"  # PACK (fill nodes in turn) | SPREAD (one actor per node where it can): the placement group
-    reserve_timeout_s: float = (
-        60.0  # the longest the graph waits for its placement group before it names what is missing
-    )
+    reserve_timeout_s: float = 60.0  # the longest the graph waits for its placement group, then names what is missing
+    transport: str = "object_store"  # object_store | direct (Ray Direct Transport over gloo): activations, gradients
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
     long_timeout_s: float = 600.0  # the same for starting actors, checkpoints and evaluation
 
@@ -327,6 +329,8 @@ def validate(cfg: RaymoeConfig) -> None:
     _positive("parallel", p, ("memory_per_actor_gb",), ("memory_per_actor_gb",))
     if p.placement not in ("PACK", "SPREAD"):
         raise ConfigError(f"parallel.placement must be PACK or SPREAD, got {p.placement!r}")
+    if p.transport not in TRANSPORTS:
+        raise ConfigError(f"parallel.transport must be one of {', '.join(TRANSPORTS)}, got {p.transport!r}")
     from raymoe.platform.devices import check_device_name
 
     try:

@@ -214,7 +214,9 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
                     tracker.log_metrics({"elastic/failures": getattr(trainer, "failures", 0)} | rewound.metrics,
                                         trainer.step)  # fmt: skip
                     if rewound.state is None:  # no checkpoint yet: from the start
-                        loader.load_state_dict(ShardLoader(data_dir, "train", tc.batch_size, tc.seed).state_dict())
+                        loader.load_state_dict(
+                            ShardLoader(data_dir, split="train", batch_size=tc.batch_size, seed=tc.seed).state_dict()
+                        )
                     else:
                         loader.load_state_dict(rewound.state["loader"])
                     if record is not None:

@@ -127,6 +127,53 @@ def test_an_actor_killed_at_checkpoint_time_leaves_the_previous_checkpoint(tiny_
     assert latest_checkpoint(str(tmp_path / "run")).endswith("step_00000006")
 
 
+def test_faults_while_a_checkpoint_is_written_and_while_it_is_restored_are_retried(
+    tiny_data: Path, tmp_path: Path, ray_local
+) -> None:  # noqa: ANN001
+    """A shard is killed once its part of the step-4 checkpoint is asked for (the write fails, the folder never
+    appears), then a shard of the rebuilt graph is killed once it is asked to load step 2's: each is one more
+    failure under the policy (the second during the recovery), the rebuild is tried again, and the run ends
+    with the reference's parameters and every sample once."""
+    import ray
+
+    from raymoe.actors.elastic import ElasticGraph
+
+    steps = ["train.steps=6", "train.checkpoint_every=2", "parallel.ep=2"]
+    reference = pretrain(_cfg(tmp_path, *steps), tiny_data, tmp_path / "ref", progress=False,
+                         trainer=_graph(_cfg(tmp_path, *steps), tmp_path / "ref"))  # fmt: skip
+    cfg = _cfg(tmp_path, *steps)
+    faults = [("save", "step_00000004"), ("load", "step_00000002")]  # each fires once, in this order
+
+    class FaultyGraph(ElasticGraph):
+        def _build(self, layout):  # noqa: ANN001, ANN202
+            graph = super()._build(layout)
+            call = graph.rt.call
+
+            def call_then_kill(actor, method, *args, n=1):  # noqa: ANN001, ANN002, ANN202
+                refs = call(actor, method, *args, n=n)
+                if faults and method == faults[0][0] and actor in graph.shards and faults[0][1] in str(args[0]):
+                    faults.pop(0)
+                    ray.kill(actor)  # the call was submitted: the actor dies in the middle of it
+                return refs
+
+            graph.rt.call = call_then_kill
+            return graph
+
+    trainer = FaultyGraph(cfg, checkpoint_root=str(tmp_path / "run"))
+    try:
+        result = pretrain(cfg, tiny_data, tmp_path / "run", progress=False, trainer=trainer)
+        events = trainer.events
+    finally:
+        trainer.close()
+    assert not faults
+    assert [(e["kind"], e.get("during")) for e in events] == [("failure", "the step"), ("failure", "the recovery")]
+    assert "writing a checkpoint" in events[0]["cause"] and "loading" in events[1]["cause"], events
+    assert result.failures == 2 and len(result.losses) == 6
+    a, b = _final_state(result), _final_state(reference)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [s["ids"] for s in _samples(tmp_path / "run")] == [s["ids"] for s in _samples(tmp_path / "ref")]
+
+
 def test_resize_request_and_a_hung_actor(tiny_data: Path, tmp_path: Path, ray_local) -> None:
     """`raymoe resize` asks for ep=2 after step 2 (applied at the next boundary, nothing lost); then a shard is
     frozen (SIGSTOP): the step times out after parallel.timeout_s and the run recovers on a new graph."""

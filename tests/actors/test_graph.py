@@ -78,6 +78,30 @@ def test_graph_equals_the_local_trainer(ray_local, layout: tuple[int, int, int])
         graph.shutdown()
 
 
+def test_direct_transport_equals_the_object_store(ray_local) -> None:
+    """parallel.transport=direct (Ray Direct Transport over gloo; the replicas' all-reduce in a subgroup of its
+    world) at (2,2,3): the same losses, gradient norms, loads and parameters as the object store, bit for bit;
+    a dead shard is then the same clear error."""
+    graphs = {t: GraphTrainer(_cfg(2, 2, 3, 2, f"parallel.transport={t}")) for t in ("object_store", "direct")}
+    try:
+        assert graphs["direct"].rt.collective is not None and graphs["object_store"].rt.collective is None
+        for input_ids, labels in _batches(3):
+            mbs = micro_batches(input_ids, labels, 4)
+            want, got = graphs["object_store"].train_step(mbs), graphs["direct"].train_step(mbs)
+            assert (got.loss, got.mtp_loss, got.grad_norm) == (want.loss, want.mtp_loss, want.grad_norm)
+            assert torch.equal(got.loads, want.loads)
+        a, b = graphs["direct"].full_state_dict(), graphs["object_store"].full_state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+        import ray
+
+        ray.kill(graphs["direct"].shards[1])
+        with pytest.raises(GraphError, match=r"Shard\(1\) died"):
+            graphs["direct"].train_step(micro_batches(*_batches(1)[0], 4))
+    finally:
+        for g in graphs.values():
+            g.shutdown()
+
+
 BF16_LOSS_RTOL = 2e-3  # measured: at most 4.5e-4 over 4 steps at (2,2,3)
 BF16_LOAD_CHANGE = 0.03  # of the tokens routed; measured: at most 1.0 % (a changed choice counts twice)
 

@@ -75,6 +75,8 @@ def test_dotted_overrides() -> None:
         (["train.lr=0"], "train.lr"),
         (["parallel.ep=9"], "parallel.ep"),
         (["parallel.pp=0"], "parallel.pp"),
+        (["parallel.placement=STRICT"], "parallel.placement"),
+        (["parallel.transport=nccl"], "parallel.transport"),
         (["serve.port=70000"], "unknown config field 'serve'"),  # no serve section: raymoe serve has flags
         (["train.steps"], "train.steps"),
     ],
