@@ -1,7 +1,7 @@
 """``raymoe serve``: the OpenAI-compatible Ray Serve application.
 
     raymoe serve --checkpoint outputs/demo                    # http://127.0.0.1:8000/v1
-    raymoe serve --checkpoint ckpt/ --port 9000 --api-key s3cret
+    RAYMOE_API_KEY=... raymoe serve --checkpoint ckpt/ --port 9000   # or --api-key-file FILE
     RAYMOE_CHECKPOINT=$PWD/outputs/demo serve run deploy/serve/config.yaml   # the same application
 
 Both start :func:`build_app` (Serve's typed builder: its ``args`` are :class:`ServeArgs`). Each
@@ -10,34 +10,49 @@ replica loads the checkpoint and runs one :class:`~raymoe.platform.inference.eng
 request the replica holds: continuous batching across HTTP requests.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``
-(200 while the engine can serve) and ``GET /stats`` (the engine's counters: cache use, MTP
-acceptance). Errors are OpenAI's JSON; a full queue is 503 at once; with an API key every
-``/v1`` route needs ``Authorization: Bearer KEY`` (401 otherwise).
+(200 while the engine can serve), ``GET /stats`` (the engine's counters: cache use, MTP
+acceptance), ``GET /openapi.json`` and ``GET /docs``. Errors are OpenAI's JSON; a full queue is 503
+at once; a body over ``max_body_bytes`` is 413. With an API key, every route but ``/health`` needs
+``Authorization: Bearer KEY`` (401 otherwise), compared in constant time. Each replica reads the key
+itself, from ``api_key_file`` or else ``$RAYMOE_API_KEY`` in its environment, so the key is never
+in the Serve config, the deployment's arguments or a command line.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations of the class Serve serializes
 
 import argparse
 import asyncio
+import dataclasses
+import hmac
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raymoe.platform.inference import openai_api as api
 from raymoe.platform.inference.engine import EngineDead, EngineOverloaded, Output, RequestError
+from raymoe.platform.inference.sampling import choice_seed
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_ENV = "RAYMOE_CHECKPOINT"
 API_KEY_ENV = "RAYMOE_API_KEY"
+NO_KEY_ON_THE_COMMAND_LINE = (
+    f"the API key is no longer an argument (on a command line or in the Serve config it shows in the process "
+    f"list and the deployment's arguments): set ${API_KEY_ENV} in the replicas' environment, or give a file "
+    f"that holds it (raymoe serve --api-key-file FILE; api_key_file in the Serve config)"
+)
 
 # Serve's options of the deployment; deploy/serve/config.yaml states the same values (a test checks)
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
@@ -61,7 +76,11 @@ class ServeArgs(BaseModel):
 
     checkpoint: str = Field(description="training output, training checkpoint or HF checkpoint dir (or URI)")
     model_name: str = "raymoe"
-    api_key: str | None = None
+    api_key_file: str | None = Field(
+        None, description=f"a file holding the API key, read by each replica (default: ${API_KEY_ENV})"
+    )
+    require_api_key: bool = Field(False, description="a replica that finds no API key refuses to start")
+    max_body_bytes: int = Field(api.MAX_BODY_BYTES, ge=1, description="larger request bodies get a 413")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     device: str = Field("auto", description="auto (CUDA when the replica or actor sees a GPU) | cpu | cuda")
     gpus_per_actor: float = Field(
@@ -82,6 +101,13 @@ class ServeArgs(BaseModel):
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
     compile: bool = Field(False, description="torch.compile small decode steps (local runner; ~30-60 s at start)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_api_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(NO_KEY_ON_THE_COMMAND_LINE)
+        return data
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -91,12 +117,72 @@ class ServeArgs(BaseModel):
         return value
 
 
-fastapi_app = FastAPI(title="raymoe", description="OpenAI-compatible completions on a DeepSeek-V3-style MoE")
+def resolve_api_key(api_key_file: str | None) -> str | None:
+    """The API key: the file's content (stripped) when ``api_key_file`` is given, else ``$RAYMOE_API_KEY``;
+    None when neither. ValueError for a file that cannot be read, is empty, or holds spaces or non-ASCII."""
+    if api_key_file:
+        try:
+            key = Path(api_key_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the API key file {api_key_file}: {exc}") from None
+        where = f"the API key file {api_key_file}"
+    else:
+        key, where = os.environ.get(API_KEY_ENV, "").strip(), f"${API_KEY_ENV}"
+        if not key:
+            return None
+    if not key:
+        raise ValueError(f"{where} is empty")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise ValueError(f"{where} must hold printable ASCII without spaces (it is sent as a header)")
+    return key
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote back any input (a lone surrogate cannot be UTF-8)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+fastapi_app = FastAPI(
+    title="raymoe",
+    description="OpenAI-compatible completions on a DeepSeek-V3-style MoE",
+    docs_url=None,  # /docs and /openapi.json are the deployment's own routes, behind the API key
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 def _error(exc: api.APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return _AsciiJSON(exc.body(), status_code=exc.status, headers=headers)
+
+
+@fastapi_app.exception_handler(api.APIError)
+async def _api_error(request: Request, exc: api.APIError) -> JSONResponse:
+    """An APIError a route raises (before any response has started), as its OpenAI error response."""
+    return _error(exc)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """An unknown route (404) or method (405), in OpenAI's error format too."""
+    return _error(api.APIError(exc.status_code, str(exc.detail)))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or a 413 once it passes ``limit`` bytes (read no further)."""
+    too_large = api.APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        chunks.append(part)
+    return b"".join(chunks)
 
 
 # (defined before the deployment: Serve serializes the class when it is decorated)
@@ -108,8 +194,17 @@ def _public_field(field: str, kind: str) -> str:
 
 def _merge(a: Output, b: Output) -> Output:
     """Two consecutive outputs of one request as one."""
+    logprobs = a.logprobs + b.logprobs if a.logprobs is not None and b.logprobs is not None else b.logprobs
     return Output(a.request_id, a.token_ids + b.token_ids, a.text + b.text, b.finished, b.finish_reason,
-                  b.prompt_tokens, b.completion_tokens, b.error)  # fmt: skip
+                  b.prompt_tokens, b.completion_tokens, b.error, logprobs)  # fmt: skip
+
+
+def _merge_by_request(outs: list[Output]) -> list[Output]:
+    """Outputs of several requests (a request's choices), each request's consecutive ones merged, in order."""
+    merged: dict[str, Output] = {}
+    for out in outs:
+        merged[out.request_id] = _merge(merged[out.request_id], out) if out.request_id in merged else out
+    return list(merged.values())
 
 
 def _make_runner(args: ServeArgs, served: Any) -> Any:
@@ -148,12 +243,17 @@ class RaymoeServer:
         from raymoe.platform.inference.engine import Engine, EngineConfig
         from raymoe.platform.inference.loading import open_served
 
+        key = resolve_api_key(args.api_key_file)  # in this replica's process: the key never crosses Serve
+        if key is None and args.require_api_key:
+            raise RuntimeError(f"no API key: set ${API_KEY_ENV} in the replica's environment, or api_key_file")
+        self._api_key = key.encode() if key else None
         if args.threads:
             torch.set_num_threads(args.threads)
         self.args = args
         self.created = api.now()
         self.served = open_served(args.checkpoint)
         tok = self.served.tokenizer
+        self.pieces = api.TokenPieces(tok)
         self.runner = _make_runner(args, self.served)
         self.engine = Engine(
             self.runner,
@@ -169,7 +269,8 @@ class RaymoeServer:
             eos_token_id=self.served.eos_token_id,
         )
         self.engine.start()
-        logger.info("serving %s as '%s' (%s runner)", self.served.location, args.model_name, args.runner)
+        logger.info("serving %s as '%s' (%s runner, API key %s)", self.served.location, args.model_name,
+                    args.runner, "required" if key else "off")  # fmt: skip
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes Serve replace the replica."""
@@ -184,17 +285,14 @@ class RaymoeServer:
     # -- helpers ----------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        key = self.args.api_key
-        if not key:
+        """401 unless the request carries the key (compared in constant time); nothing to check without one."""
+        if self._api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {key}":
-            raise api.APIError(
-                401, "a valid API key is required: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-
-    def _limits(self) -> tuple[int, int]:
-        return min(self.args.max_tokens, self.engine.max_model_len() - 1), self.engine.max_model_len() - 1
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise api.APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise api.APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def _prompt_ids(self, parsed: api.ParsedRequest) -> list[int]:
         if parsed.prompt_ids is not None:
@@ -202,84 +300,116 @@ class RaymoeServer:
         text = parsed.prompt_text
         if parsed.kind == "chat":
             text = api.render_chat(self.served.chat_template, text)
-        ids = self.served.tokenizer.encode(text).ids
+        try:
+            ids = self.served.tokenizer.encode(text).ids
+        except Exception as exc:  # e.g. a lone surrogate, which is no UTF-8
+            raise api.invalid(_public_field("prompt", parsed.kind), f"the prompt cannot be encoded: {exc}") from None
         if not ids:
-            raise api.invalid("prompt", "the prompt encodes to no tokens")
+            raise api.invalid(_public_field("prompt", parsed.kind), "the prompt encodes to no tokens")
         return ids
 
-    def _submit(self, parsed: api.ParsedRequest) -> tuple[str, list[int], asyncio.Queue]:
+    def _submit(self, parsed: api.ParsedRequest) -> tuple[str, list[str], list[int], asyncio.Queue]:
+        """Queue the request's ``n`` choices (one engine request each) on one queue of outputs."""
         prompt = self._prompt_ids(parsed)
+        context = self.engine.max_model_len()
+        params = parsed.params
+        if len(prompt) < context:  # as OpenAI does: at most up to the context, then finish_reason "length"
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, context - len(prompt)))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
         rid = api.new_id(parsed.kind)
+        rids: list[str] = []
         try:
-            self.engine.submit(prompt, parsed.params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), rid)
-        except RequestError as exc:
-            raise api.invalid(_public_field(exc.field, parsed.kind), str(exc)) from None
-        except EngineOverloaded as exc:
-            raise api.APIError(503, f"the server is overloaded, retry later: {exc}") from None
-        except EngineDead as exc:
+            for i in range(parsed.n):
+                choice = dataclasses.replace(params, seed=choice_seed(params.seed, i))
+                on_output = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)  # noqa: E731
+                rids.append(self.engine.submit(prompt, choice, on_output, f"{rid}-{i}"))
+        except (RequestError, EngineOverloaded, EngineDead) as exc:
+            for submitted in rids:
+                self.engine.abort(submitted)
+            if isinstance(exc, RequestError):
+                raise api.invalid(_public_field(exc.field, parsed.kind), str(exc), code=exc.code) from None
+            if isinstance(exc, EngineOverloaded):
+                raise api.APIError(503, f"the server is overloaded, retry later: {exc}") from None
             raise api.APIError(503, f"this replica cannot serve: {exc}") from None
-        return rid, prompt, queue
+        return rid, rids, prompt, queue
 
-    async def _outputs(self, rid: str, queue: asyncio.Queue, interval_s: float = 0.0) -> AsyncIterator[Output]:
-        """The request's outputs; with ``interval_s``, those that arrive within it after the first are merged
-        into one (fewer, larger stream events: each costs the replica and the proxy the same)."""
-        finished = False
+    async def _outputs(self, rids: list[str], queue: asyncio.Queue, interval_s: float = 0.0) -> AsyncIterator:
+        """Lists of the request's outputs (of all its choices), until every choice has finished; with
+        ``interval_s``, what arrives within it after the first goes as one list, each choice's outputs
+        merged (fewer, larger stream events: each costs the replica and the proxy the same)."""
+        pending = set(rids)
         last = None
         try:
-            while not finished:
-                out = await queue.get()
-                if last is not None and interval_s > 0 and not out.finished:
+            while pending:
+                outs = [await queue.get()]
+                if last is not None and interval_s > 0 and not outs[0].finished:
                     await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - last)))
-                    while not out.finished and not queue.empty():
-                        out = _merge(out, queue.get_nowait())
-                finished = out.finished
-                if out.error:
-                    raise RuntimeError(out.error)
+                while not queue.empty():
+                    outs.append(queue.get_nowait())
+                outs = _merge_by_request(outs)
+                for out in outs:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    if out.error:
+                        raise RuntimeError(out.error)
                 last = time.monotonic()
-                yield out
+                yield outs
         finally:
-            if not finished:  # the client went away (or the handler was cancelled): free the cache
+            for rid in pending:  # the client went away, the handler was cancelled, or a choice failed
                 self.engine.abort(rid)
 
     async def _complete(self, request: Request, kind: str) -> Any:
-        try:
-            self._authorize(request)
-            body = api.parse_json(await request.body())
-            default_max, limit = self._limits()
-            parse = api.parse_chat if kind == "chat" else api.parse_completion
-            parsed = parse(body, self.args.model_name, default_max, limit)
-            rid, prompt, queue = self._submit(parsed)
-        except api.APIError as exc:
-            return _error(exc)
+        self._authorize(request)  # an APIError from here to _submit is the answer (_api_error)
+        body = api.parse_json(await _read_body(request, self.args.max_body_bytes))
+        parse = api.parse_chat if kind == "chat" else api.parse_completion
+        parsed = parse(body, self.args.model_name, self.args.max_tokens)
+        rid, rids, prompt, queue = self._submit(parsed)
         created = api.now()
         if parsed.stream:
             return StreamingResponse(
-                self._stream(parsed, rid, len(prompt), queue, created), media_type="text/event-stream"
+                self._stream(parsed, rid, rids, len(prompt), queue, created), media_type="text/event-stream"
             )
-        text, reason, completion = [], None, 0
+        choices = {r: api.Choice(i, logprobs=[] if parsed.params.logprobs is not None else None)
+                   for i, r in enumerate(rids)}  # fmt: skip
         try:
-            async for out in self._outputs(rid, queue):
-                text.append(out.text)
-                reason, completion = out.finish_reason, out.completion_tokens
+            async for outs in self._outputs(rids, queue):
+                for out in outs:
+                    c = choices[out.request_id]
+                    c.text += out.text
+                    c.finish_reason, c.completion_tokens = out.finish_reason, out.completion_tokens
+                    if c.logprobs is not None and out.logprobs:
+                        c.logprobs += out.logprobs
         except RuntimeError as exc:
             return _error(api.APIError(500, f"generation failed: {exc}"))
-        use = api.usage(len(prompt), completion)
-        return api.response(kind, rid, self.args.model_name, "".join(text), reason, use, created)
+        use = api.usage(len(prompt), sum(c.completion_tokens for c in choices.values()))
+        return api.response(kind, rid, self.args.model_name, list(choices.values()), use, created, self.pieces)
 
-    async def _stream(self, parsed: api.ParsedRequest, rid: str, n_prompt: int, queue: asyncio.Queue, created: int):
+    async def _stream(self, parsed: api.ParsedRequest, rid: str, rids: list[str], n_prompt: int,
+                      queue: asyncio.Queue, created: int):  # fmt: skip
+        """OpenAI's stream: chunks of each choice (by index); with include_usage, ``usage: null`` on each and
+        a last chunk with no choices and the usage; then ``[DONE]``."""
         kind, model = parsed.kind, self.args.model_name
+        use: Any = None if parsed.include_usage else ...
+        choices = {r: api.Choice(i) for i, r in enumerate(rids)}
         if kind == "chat":
-            yield api.sse(api.chunk(kind, rid, model, created, "", role=True))
+            for c in choices.values():
+                yield api.sse(api.chunk(kind, rid, model, created, c.index, "", role=True, use=use))
         try:
-            async for out in self._outputs(rid, queue, self.args.stream_interval_ms / 1000):
-                use = api.usage(n_prompt, out.completion_tokens) if out.finished else None
-                if out.text or out.finished:
-                    yield api.sse(api.chunk(kind, rid, model, created, out.text, out.finish_reason, use=use))
+            async for outs in self._outputs(rids, queue, self.args.stream_interval_ms / 1000):
+                for out in outs:
+                    c = choices[out.request_id]
+                    c.completion_tokens = out.completion_tokens
+                    if not (out.text or out.finished or out.logprobs):
+                        continue
+                    logprobs = api.format_logprobs(kind, out.logprobs, self.pieces, c.text_offset)
+                    c.text_offset += sum(len(self.pieces(t)[0]) for t in out.token_ids) if out.logprobs else 0
+                    yield api.sse(api.chunk(kind, rid, model, created, c.index, out.text, out.finish_reason,
+                                            logprobs=logprobs, use=use))  # fmt: skip
             if parsed.include_usage:
-                yield api.sse(api.chunk(kind, rid, model, created, None, use=use, no_choices=True))
-        except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream, then end it
+                total = api.usage(n_prompt, sum(c.completion_tokens for c in choices.values()))
+                yield api.sse(api.chunk(kind, rid, model, created, use=total, no_choices=True))
+        except RuntimeError as exc:  # generation failed mid-stream: say so in the stream, then end it
             yield api.sse(api.APIError(500, f"generation failed: {exc}").body())
         yield api.sse("[DONE]")
 
@@ -295,10 +425,7 @@ class RaymoeServer:
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Any:
-        try:
-            self._authorize(request)
-        except api.APIError as exc:
-            return _error(exc)
+        self._authorize(request)
         return api.models_list(self.args.model_name, self.created)
 
     @fastapi_app.get("/health")
@@ -308,25 +435,42 @@ class RaymoeServer:
         return {"status": "ok"}
 
     @fastapi_app.get("/stats")
-    async def stats(self) -> Any:
+    async def stats(self, request: Request) -> Any:
+        self._authorize(request)
         return {**self.engine.stats(), **self.runner.stats(), "pid": os.getpid(), "checkpoint": self.served.location}
+
+    @fastapi_app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        self._authorize(request)
+        return fastapi_app.openapi()
+
+    @fastapi_app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        """Swagger UI with the schema inline (``spec``), so that the page needs no second, keyless request."""
+        self._authorize(request)
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raymoe",
+                                   swagger_ui_parameters={"spec": fastapi_app.openapi()})  # fmt: skip
 
 
 def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application (Serve's builder: ``import_path: raymoe.pipelines.serve:build_app``).
 
-    ``RAYMOE_CHECKPOINT`` and ``RAYMOE_API_KEY``, when set, override ``checkpoint`` and ``api_key``."""
-    updates = {}
+    ``RAYMOE_CHECKPOINT``, when set, overrides ``checkpoint``. The API key is not an argument: each
+    replica reads ``api_key_file`` or ``$RAYMOE_API_KEY`` in its own environment."""
     if os.environ.get(CHECKPOINT_ENV):
-        updates["checkpoint"] = os.environ[CHECKPOINT_ENV]
-    if os.environ.get(API_KEY_ENV):
-        updates["api_key"] = os.environ[API_KEY_ENV]
-    if updates:
-        args = args.model_copy(update=updates)
+        args = args.model_copy(update={"checkpoint": os.environ[CHECKPOINT_ENV]})
     return RaymoeServer.bind(args)
 
 
 # --------------------------------------------------------------------------- raymoe serve
+
+
+class _RemovedFlag(argparse.Action):
+    """A flag that is gone: using it is an error that says what to do instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        parser.error(f"{option_string} is gone: {NO_KEY_ON_THE_COMMAND_LINE}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -335,9 +479,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="training output, checkpoint, or HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or ${API_KEY_ENV})"
-    )
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help=f"require the bearer key this file holds (default: ${API_KEY_ENV} when set; the key is never "
+                   "a flag)")  # fmt: skip
+    p.add_argument("--api-key", nargs="?", action=_RemovedFlag, help=argparse.SUPPRESS)
     p.add_argument("--model-name", default="raymoe", help="the model id clients name (default raymoe)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default="auto",
@@ -359,40 +504,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _one_line(exc: Exception) -> str:
+    """An input error as one line (pydantic's are several: each field's location and message)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+    return str(exc).replace("\n", " ")
+
+
+def banner(model_name: str, host: str, port: int, api_key_file: str | None, keyed: bool) -> list[str]:
+    """What ``raymoe serve`` prints once serving: the URL and a curl that works as pasted (the key by
+    reference, ``$RAYMOE_API_KEY`` or the file, never the secret itself)."""
+    url = f"http://{host}:{port}"
+    lines = [f"raymoe serve: '{model_name}' at {url}/v1 (Ctrl-C stops)"]
+    auth = ""
+    if keyed:
+        source = f"$(cat {api_key_file})" if api_key_file else f"${API_KEY_ENV}"
+        auth = f' -H "Authorization: Bearer {source}"'
+        lines[0] += f"; every route but /health needs the key ({api_key_file or '$' + API_KEY_ENV})"
+    body = json.dumps({"model": model_name, "prompt": "def ", "max_tokens": 32})
+    lines.append(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from raymoe.actors.runtime import ensure_ray
-
-    serve_args = ServeArgs(
-        checkpoint=os.path.abspath(args.checkpoint) if "://" not in args.checkpoint else args.checkpoint,
-        model_name=args.model_name,
-        api_key=args.api_key,
-        dtype=args.dtype,
-        device=args.device,
-        gpus_per_actor=args.gpus_per_actor,
-        runner=args.runner,
-        parallel={"pp": args.pp, "ep": args.ep},
-        speculative=not args.no_speculative,
-        threads=args.threads,
-        compile=args.compile,
-    )
     from raymoe.platform.checkpoint.layout import CheckpointError
     from raymoe.platform.inference.loading import open_served
 
-    try:
-        open_served(serve_args.checkpoint)  # a wrong path fails here, in one line, not in a replica
-    except (CheckpointError, OSError) as exc:
-        print(f"raymoe serve: {exc}", file=sys.stderr)
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if "://" not in path else path
+
+    try:  # every input error is one line, before Ray starts (a wrong path must not fail in a replica)
+        key_file = absolute(args.api_key_file) if args.api_key_file else None
+        keyed = resolve_api_key(key_file) is not None
+        serve_args = ServeArgs(
+            checkpoint=absolute(args.checkpoint),
+            model_name=args.model_name,
+            api_key_file=key_file,
+            require_api_key=keyed,  # a replica that cannot find the key must not serve without one
+            dtype=args.dtype,
+            device=args.device,
+            gpus_per_actor=args.gpus_per_actor,
+            runner=args.runner,
+            parallel={"pp": args.pp, "ep": args.ep},
+            speculative=not args.no_speculative,
+            threads=args.threads,
+            compile=args.compile,
+        )
+        open_served(serve_args.checkpoint)
+    except (CheckpointError, ValueError, OSError) as exc:  # ValidationError is a ValueError
+        print(f"raymoe serve: {_one_line(exc)}", file=sys.stderr)
         return 2
-    ensure_ray()
+    ensure_ray()  # a local Ray started here passes this environment ($RAYMOE_API_KEY) to the replicas
     serve.start(http_options={"host": args.host, "port": args.port})
     options: dict[str, Any] = {"num_replicas": args.replicas} if args.replicas else {}
     if serve_args.runner == "local" and serve_args.device.startswith("cuda"):  # the replica computes: give it a GPU
         options["ray_actor_options"] = {**DEPLOYMENT_DEFAULTS["ray_actor_options"], "num_gpus": 1}
     app = RaymoeServer.options(**options) if options else RaymoeServer
     serve.run(app.bind(serve_args), name="raymoe", route_prefix="/")
-    print(f"raymoe serve: '{serve_args.model_name}' at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
-    print(f"  curl http://{args.host}:{args.port}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{serve_args.model_name}\", \"prompt\": \"def \", \"max_tokens\": 32}}'")  # fmt: skip
+    for line in banner(serve_args.model_name, args.host, args.port, key_file, keyed):
+        print(line)
     try:
         while True:
             time.sleep(3600)
