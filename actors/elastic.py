@@ -144,9 +144,11 @@ class ElasticGraph:
         try:
             return fn(*args)
         except GraphError as exc:
+            detected = time.perf_counter()
             state = self.recover(exc, self.checkpoint_root)
             metrics = {"elastic/dp": self.layout.dp, "elastic/ep": self.layout.ep}
-            raise StepRewound(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, state, metrics) from exc
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StepRewound(cause, state, metrics, detected_at=detected) from exc
 
     # -- layouts --------------------------------------------------------------------------------
 

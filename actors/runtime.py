@@ -277,7 +277,9 @@ class RayRuntime(Runtime):
         except ray.exceptions.GetTimeoutError:
             name = "long_timeout_s" if long else "timeout_s"
             dead = self.dead_actors()
-            who = f" ({', '.join(dead)} no longer answer)" if dead else ""
+            lost = self.lost_nodes(dead) if dead else []
+            gone = f"; lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else ""
+            who = f" ({', '.join(dead)} no longer answer{gone})" if dead else ""
             raise GraphError(f"{where}{what} took longer than parallel.{name}={timeout:g} s{who}") from None
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             cause = getattr(exc, "cause", None) or exc
@@ -322,14 +324,20 @@ class RayRuntime(Runtime):
         return dead
 
     def lost_nodes(self, labels: list[str]) -> list[str]:
-        """The nodes of ``labels``' actors that Ray no longer counts alive, as ``ip (node id…)``."""
+        """The nodes of ``labels``' actors that are gone, as ``ip (node id…)``.
+
+        Gone: Ray no longer counts the node alive, or its raylet no longer accepts a connection
+        (the actors of a lost node die before Ray's health checks declare the node dead)."""
         import ray
 
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
         lost = {}
         for label in labels:
             node = self.nodes.get(label)
-            if node and node["node_id"] not in alive:
+            if node is None:
+                continue
+            info = nodes.get(node["node_id"])
+            if info is None or not info.get("Alive") or not _reachable(info):
                 lost[node["node_id"]] = f"{node['node_ip']} (node {node['node_id'][:12]})"
         return sorted(lost.values())
 
@@ -363,6 +371,18 @@ class RayRuntime(Runtime):
                 pass
             self.group = None
         super().close()
+
+
+def _reachable(node: dict) -> bool:
+    """Whether the node's raylet accepts a TCP connection (unknown address: assumed reachable)."""
+    address, port = node.get("NodeManagerAddress"), node.get("NodeManagerPort")
+    if not address or not port:
+        return True
+    try:
+        with socket.create_connection((address, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _resources(r: dict[str, float]) -> str:

@@ -69,6 +69,9 @@ DEPLOYMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+GRAPH_PARALLEL = {"pp": int, "ep": int, "num_cpus_per_actor": (int, float), "placement": str}  # ServeArgs.parallel
+
+
 class ServeArgs(BaseModel):
     """The application's arguments (``args`` in deploy/serve/config.yaml, flags of ``raymoe serve``)."""
 
@@ -96,10 +99,26 @@ class ServeArgs(BaseModel):
     runner: Literal["local", "graph"] = Field(
         "local", description="where the model runs: this replica, or its actor graph"
     )
-    parallel: dict[str, int] = Field(default_factory=lambda: {"pp": 1, "ep": 1})
+    parallel: dict[str, int | float | str] = Field(
+        default_factory=lambda: {"pp": 1, "ep": 1},
+        description="the graph runner's pp, ep, num_cpus_per_actor and placement (PACK | SPREAD)",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
     compile: bool = Field(False, description="torch.compile small decode steps (local runner; ~30-60 s at start)")
+
+    @field_validator("parallel")
+    @classmethod
+    def _known_parallel(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(GRAPH_PARALLEL))
+        if unknown:
+            raise ValueError(f"parallel has no {', '.join(unknown)} (it takes {', '.join(GRAPH_PARALLEL)})")
+        for key, kind in GRAPH_PARALLEL.items():
+            if key in value and not isinstance(value[key], kind):
+                raise ValueError(f"parallel.{key} must be {kind.__name__ if isinstance(kind, type) else 'a number'}")
+        if value.get("placement", "PACK") not in ("PACK", "SPREAD"):
+            raise ValueError(f"parallel.placement must be PACK or SPREAD, got {value['placement']!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -220,7 +239,9 @@ def _make_runner(args: ServeArgs, served: Any) -> Any:
 
         return GraphRunner(served.location, served.model_config, blocks, args.block_size,
                            pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype,
-                           device=args.device, num_gpus_per_actor=args.gpus_per_actor)  # fmt: skip
+                           device=args.device, num_gpus_per_actor=args.gpus_per_actor,
+                           num_cpus_per_actor=args.parallel.get("num_cpus_per_actor", 0.0),
+                           placement=args.parallel.get("placement", "PACK"))  # fmt: skip
     from raymoe.platform.checkpoint.reader import load_model
     from raymoe.platform.devices import resolve_device
 

@@ -209,7 +209,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
                     if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
                         last_ckpt = checkpoint()
                 except StepRewound as rewound:  # the trainer recovered from a failure: redo from its checkpoint
-                    recovering_since = time.perf_counter()
+                    recovering_since = rewound.detected_at  # before the rebuild and the restore
                     tracker.set_tag("elastic.last_failure", rewound.cause[:500])
                     tracker.log_metrics({"elastic/failures": getattr(trainer, "failures", 0)} | rewound.metrics,
                                         trainer.step)  # fmt: skip

@@ -64,13 +64,22 @@ class StepRewound(RuntimeError):
     """A trainer's step failed and the trainer restored itself from its latest checkpoint (the elastic graph).
 
     ``state`` is that checkpoint's trainer state (None: there was none, it starts from step 0);
-    the training loop rewinds its data to it. ``metrics`` are worth logging (the new layout)."""
+    the training loop rewinds its data to it. ``metrics`` are worth logging (the new layout).
+    ``detected_at`` is the ``time.perf_counter()`` of the failure's detection, before the trainer
+    rebuilt and restored itself (recovery time is counted from it)."""
 
-    def __init__(self, cause: str, state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        cause: str,
+        state: dict[str, Any] | None,
+        metrics: dict[str, float] | None = None,
+        detected_at: float | None = None,
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.state = state
         self.metrics = metrics or {}
+        self.detected_at = detected_at if detected_at is not None else time.perf_counter()
 
 
 def autocast_context(dtype: str, device: torch.device | str) -> contextlib.AbstractContextManager:
