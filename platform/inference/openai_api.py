@@ -393,7 +393,7 @@ def completion_logprobs(entries: list[TokenLogprob], pieces: TokenPieces, offset
         offsets.append(offset)
         offset += len(text)
         alternatives = {pieces(t)[0]: lp for t, lp in e.top}
-        alternatives.setdefault(text, e.logprob)  # OpenAI: the chosen token's logprob is always there
+        alternatives[text] = e.logprob  # OpenAI: the chosen token's logprob is always there
         top.append(alternatives)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
             "text_offset": offsets}  # fmt: skip

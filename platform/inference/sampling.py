@@ -105,6 +105,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
         outside = (probs.cumsum(-1) - probs) >= params.top_p  # the tokens before already cover top_p
+        outside[0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32: 5e-324)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return logits.softmax(-1)
 

@@ -20,6 +20,7 @@ from raymoe.platform.inference.sampling import (
     SamplingParams,
     choice_seed,
     make_generator,
+    probabilities,
 )
 
 from .conftest import tiny_model
@@ -160,3 +161,13 @@ def test_logprobs_are_the_models_log_softmax(model) -> None:
     while engine.step():
         pass
     assert all(o.logprobs is None for o in plain)
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-12])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p: float) -> None:
+    """The fuzzer's find: top_p=5e-324 is 0 in float32, and the nucleus lost every token (NaN, a 500)."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert torch.equal(p, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    hot = probabilities(logits * 1e4, SamplingParams(temperature=MIN_SAMPLING_TEMPERATURE, top_p=0.5))
+    assert torch.isfinite(hot).all() and int(hot.argmax()) == 1
