@@ -2,8 +2,9 @@
 SDK, offline) and checked against KubeRay's CRD schemas, strictly, as `kubectl --validate=strict`
 would: a field the CRD does not define is an error.
 
-Two value sets are rendered throughout: the chart's defaults (with the RayService and the standalone
-RayCluster switched on too, so that every kind is rendered) and a GPU + S3 + autoscaling variant.
+Value sets rendered throughout: the chart's defaults (with the RayService and the standalone
+RayCluster switched on too, so that every kind is rendered), a GPU + S3 + autoscaling variant, and
+every kind with the served API's key from a Secret.
 """
 
 from __future__ import annotations
@@ -81,7 +82,14 @@ GPU_S3_AUTOSCALING: dict[str, Any] = {
     "mlflow": {"backendStore": {"existingSecret": "mlflow-db"}, "artifactsDestination": "s3://raymoe-mlflow/artifacts"},
 }
 ALL_KINDS = {"serve": {"enabled": True}, "cluster": {"enabled": True}}
-VALUE_SETS = {"defaults": {}, "defaults-all-kinds": ALL_KINDS, "gpu-s3-autoscaling": GPU_S3_AUTOSCALING}
+API_KEY_SECRET = {"name": "raymoe-api-key", "key": "token"}
+WITH_API_KEY = {"serve": {"enabled": True, "apiKeySecret": API_KEY_SECRET}, "cluster": {"enabled": True}}
+VALUE_SETS = {
+    "defaults": {},
+    "defaults-all-kinds": ALL_KINDS,
+    "gpu-s3-autoscaling": GPU_S3_AUTOSCALING,
+    "api-key-secret": WITH_API_KEY,
+}
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -427,6 +435,44 @@ def test_serve_args_in_the_values_schema_are_the_config_args() -> None:
     assert schema_args == config_args
 
 
+# --- the served API's key, from a Secret ---------------------------------------------------------
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_the_api_key_comes_from_the_secret_into_the_serving_containers_only() -> None:
+    service = one("api-key-secret", "RayService")
+    for pod in pod_specs(service["spec"]["rayClusterConfig"]):  # the head and every worker: replicas go anywhere
+        env = _env(pod["containers"][0])
+        assert env["RAYMOE_API_KEY"] == {"name": "RAYMOE_API_KEY", "valueFrom": {"secretKeyRef": API_KEY_SECRET}}
+        assert "MLFLOW_TRACKING_URI" in env  # the shared environment is still there
+    for kind in ("RayJob", "RayCluster"):
+        obj = one("api-key-secret", kind)
+        spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+        assert all("RAYMOE_API_KEY" not in _env(pod["containers"][0]) for pod in pod_specs(spec)), kind
+    for key in ("defaults-all-kinds", "gpu-s3-autoscaling"):  # no Secret: no key, and nothing requires one
+        spec = one(key, "RayService")["spec"]
+        assert all("RAYMOE_API_KEY" not in _env(pod["containers"][0]) for pod in pod_specs(spec["rayClusterConfig"]))
+        assert "require_api_key" not in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+
+
+def test_with_the_secret_every_replica_requires_the_key() -> None:
+    """serveConfigV2 asks the replicas to refuse to start without the key (never a silently open API), and
+    its args are the app's own: ServeArgs accepts them."""
+    from raymoe.pipelines.serve import ServeArgs
+
+    config = yaml.safe_load(one("api-key-secret", "RayService")["spec"]["serveConfigV2"])
+    args = config["applications"][0]["args"]
+    assert args == {**local_serve_config()["applications"][0]["args"], "checkpoint": "/mnt/raymoe/outputs/pretrain",
+                    "require_api_key": True}  # fmt: skip
+    assert ServeArgs(**args).require_api_key is True
+    notes = _chart().render(copy.deepcopy(WITH_API_KEY), name=RELEASE, namespace=NAMESPACE)
+    (text,) = [t for path, t in notes.items() if path.endswith("NOTES.txt")]
+    assert "kubectl get secret raymoe-api-key" in text and '-H "Authorization: Bearer $RAYMOE_API_KEY"' in text
+
+
 # --- bad values fail with a clear message --------------------------------------------------------
 
 
@@ -440,6 +486,10 @@ def test_serve_args_in_the_values_schema_are_the_config_args() -> None:
         ({"rayCluster": {"head": {"cpus": "2"}}}, "additional properties 'cpus' not allowed"),
         ({"pretrain": {"trainer": "grpah"}}, "/pretrain/trainer"),
         ({"pretrain": {"overrides": ["train.steps 200"]}}, "/pretrain/overrides/0"),
+        ({"serve": {"apiKeySecret": {"nmae": "k", "key": "api-key"}}}, "additional properties 'nmae' not allowed"),
+        ({"serve": {"apiKeySecret": {"name": "My_Secret", "key": "api-key"}}}, "/serve/apiKeySecret/name"),
+        ({"serve": {"apiKeySecret": {"name": "k", "key": "api.key"}}}, "/serve/apiKeySecret/key"),
+        ({"serve": {"apiKeySecret": "raymoe-api-key"}}, "/serve/apiKeySecret"),
     ],
 )
 def test_values_typos_fail(values: dict[str, Any], expected: str) -> None:

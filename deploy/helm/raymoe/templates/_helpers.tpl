@@ -141,10 +141,21 @@ Arguments: root, overrides (a map). Returns YAML; use with fromYaml.
 {{- end }}
 {{- end }}
 
+{{/* The serving containers' own environment: RAYMOE_API_KEY from serve.apiKeySecret (a list; empty without it). */}}
+{{- define "raymoe.serveEnv" -}}
+{{- with .Values.serve.apiKeySecret.name }}
+- name: RAYMOE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.serve.apiKeySecret.key }}
+{{- end }}
+{{- end }}
+
 {{/*
 The pod template of a Ray head or worker group.
 Arguments: root (the chart's context), group (head or a worker group of the shape),
-shape (the whole shape), head (bool).
+shape (the whole shape), head (bool), extraEnv (EnvVars of this workload only, may be empty).
 */}}
 {{- define "raymoe.rayPodTemplate" -}}
 {{- $root := .root }}
@@ -173,6 +184,9 @@ spec:
       image: {{ include "raymoe.image" $root }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       {{- $env := include "raymoe.rayEnv" $root }}
+      {{- with .extraEnv }}
+      {{- $env = printf "%s\n%s" $env (toYaml .) }}
+      {{- end }}
       {{- if $env }}
       env:
         {{- $env | trim | nindent 8 }}
@@ -227,11 +241,13 @@ spec:
 
 {{/*
 The spec of a RayCluster (also a RayJob's rayClusterSpec and a RayService's rayClusterConfig).
-Arguments: root, overrides (the workload's rayCluster values), what (its name, for errors).
+Arguments: root, overrides (the workload's rayCluster values), what (its name, for errors),
+extraEnv (optional: EnvVars of every container of this workload only).
 */}}
 {{- define "raymoe.rayClusterSpec" -}}
 {{- $root := .root }}
 {{- $what := .what }}
+{{- $extraEnv := .extraEnv }}
 {{- $shape := include "raymoe.shape" . | fromYaml }}
 {{- if not $shape.workerGroups }}
 {{- fail (printf "%s: rayCluster.workerGroups is empty: give at least one worker group" $what) }}
@@ -252,7 +268,7 @@ headGroupSpec:
   rayStartParams:
     {{- include "raymoe.rayStartParams" $shape.head | nindent 4 }}
   template:
-    {{- include "raymoe.rayPodTemplate" (dict "root" $root "group" $shape.head "shape" $shape "head" true) | trim | nindent 4 }}
+    {{- include "raymoe.rayPodTemplate" (dict "root" $root "group" $shape.head "shape" $shape "head" true "extraEnv" $extraEnv) | trim | nindent 4 }}
 workerGroupSpecs:
 {{- $seen := dict }}
 {{- range $shape.workerGroups }}
@@ -276,7 +292,7 @@ workerGroupSpecs:
     rayStartParams:
       {{- include "raymoe.rayStartParams" . | nindent 6 }}
     template:
-      {{- include "raymoe.rayPodTemplate" (dict "root" $root "group" . "shape" $shape "head" false) | trim | nindent 6 }}
+      {{- include "raymoe.rayPodTemplate" (dict "root" $root "group" . "shape" $shape "head" false "extraEnv" $extraEnv) | trim | nindent 6 }}
 {{- end }}
 {{- end }}
 
@@ -284,7 +300,8 @@ workerGroupSpecs:
 Ray Serve's config for the RayService: files/serve-config.yaml (a link to deploy/serve/config.yaml)
 with the serve.* values applied to its first application and that application's first deployment:
 args.checkpoint, serve.args, serve.autoscaling (autoscaling_config), serve.replicaResources
-(ray_actor_options). Everything else is the file's.
+(ray_actor_options), and args.require_api_key with serve.apiKeySecret (the key itself is only in
+the containers' environment). Everything else is the file's.
 */}}
 {{- define "raymoe.serveConfig" -}}
 {{- $text := .Files.Get "files/serve-config.yaml" }}
@@ -304,6 +321,9 @@ args.checkpoint, serve.args, serve.autoscaling (autoscaling_config), serve.repli
 {{- end }}
 {{- $_ := set $app.args "checkpoint" (include "raymoe.serveCheckpoint" .) }}
 {{- include "raymoe.deepMerge" (dict "dst" $app.args "src" .Values.serve.args) }}
+{{- if .Values.serve.apiKeySecret.name }}
+{{- $_ := set $app.args "require_api_key" true }}
+{{- end }}
 {{- if not $app.deployments }}
 {{- fail "deploy/serve/config.yaml: the first application has no deployments to apply serve.autoscaling to" }}
 {{- end }}
