@@ -206,7 +206,8 @@ def _http(checkpoint: str, args: argparse.Namespace, prompts: list[list[int]], s
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     try:
-        warm = {"model": "raymoe", "prompt": prompts[0], "max_tokens": 8, "temperature": 0, "stream": True}
+        usage = {"stream": True, "stream_options": {"include_usage": True}}  # the last chunk counts the tokens
+        warm = {"model": "raymoe", "prompt": prompts[0], "max_tokens": 8, "temperature": 0, **usage}
         _stream_one(url, warm)
         for clients in levels:
             requests.get(f"{url}/stats", timeout=10)
@@ -216,7 +217,7 @@ def _http(checkpoint: str, args: argparse.Namespace, prompts: list[list[int]], s
                 for j in range(args.requests):
                     prompt = prompts[(i * args.requests + j) % len(prompts)]
                     body = {"model": "raymoe", "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0,
-                            "stream": True, "ignore_eos": True}  # fmt: skip
+                            "ignore_eos": True, **usage}  # fmt: skip
                     out.append(_stream_one(url, body))
                 return out
 
