@@ -1,4 +1,5 @@
-"""Which trainer runs a pretraining: ``local`` (this process) or ``graph`` (the actor graph, elastic by default)."""
+"""Which trainer runs a pretraining: ``local`` (this process), ``graph`` (the actor graph, elastic by default) or
+``train`` (data parallelism on Ray Train, :mod:`raymoe.actors.ray_train`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from typing import Any
 from raymoe.platform import storage
 from raymoe.platform.config import ConfigError, RaymoeConfig
 
-TRAINERS = ("graph", "local")
+TRAINERS = ("graph", "local", "train")
+TRAINER_HELP = {
+    "graph": "the Ray actor graph of parallel.dp/pp/ep: the model cut into stages and expert shards, for what does "
+    "not fit one device (default; a local Ray is started unless RAY_ADDRESS is set)",
+    "local": "this process only",
+    "train": "data parallelism on Ray Train: parallel.dp workers, each with the whole model, gradients all-reduced "
+    "(gloo or NCCL), restarts through Ray Train; the first choice for a model that fits one device",
+}
 
 
 def build_trainer(cfg: RaymoeConfig, kind: str, output: str | None = None) -> Any:
@@ -28,4 +36,9 @@ def build_trainer(cfg: RaymoeConfig, kind: str, output: str | None = None) -> An
         from raymoe.actors.driver import GraphTrainer
 
         return GraphTrainer(cfg)
+    if kind == "train":
+        raise ConfigError(
+            "--trainer train runs the whole training loop in its Ray Train workers, not as a trainer of this "
+            "process: call raymoe.actors.ray_train.train_with_ray_train"
+        )
     raise ConfigError(f"the trainer must be one of {', '.join(TRAINERS)}, got {kind!r}")

@@ -4,6 +4,7 @@ raymoe prepare-data --out data/stdlib
 raymoe pretrain small --data data/stdlib --output outputs/run1 train.steps=200 train.checkpoint_every=50
 raymoe pretrain small --data data/stdlib --output outputs/run1 --resume
 raymoe pretrain small parallel.dp=1 parallel.pp=2 parallel.ep=2     # the actor graph (the default trainer)
+raymoe pretrain small --trainer train parallel.dp=2                   # data parallelism on Ray Train
 python -m raymoe.pipelines.pretrain tiny --output /tmp/run            # the same, e.g. under `ray job submit`
 """
 
@@ -50,12 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "corpus, prepared into data/stdlib-<vocab>-<seq_len> on first use)")  # fmt: skip
     p.add_argument("--output", default="outputs/pretrain",
                    help="checkpoints go here, a path or URI (default outputs/pretrain)")  # fmt: skip
+    from raymoe.actors.trainers import TRAINER_HELP, TRAINERS
+
     p.add_argument(
         "--trainer",
         default="graph",
-        choices=["graph", "local"],
-        help="graph: the Ray actor graph of parallel.dp/pp/ep (default; a local Ray is started unless RAY_ADDRESS "
-        "is set); local: this process only",
+        choices=list(TRAINERS),
+        help="; ".join(f"{name}: {TRAINER_HELP[name]}" for name in TRAINERS),
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--run-name", help="MLflow run name")
@@ -68,6 +70,7 @@ def default_data_dir(cfg: RaymoeConfig) -> Path:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from raymoe.actors.ray_train import RayTrainError, train_with_ray_train
     from raymoe.actors.runtime import GraphError
     from raymoe.actors.trainers import build_trainer
     from raymoe.platform.checkpoint.layout import CheckpointError
@@ -82,20 +85,20 @@ def _main(args: argparse.Namespace) -> int:
             data_dir = args.data  # a path or URI
         else:
             data_dir = ensure_default_data(default_data_dir(cfg), cfg, progress=not args.no_progress)
-        result = pretrain(
-            cfg,
-            data_dir,
-            args.output,
-            resume=args.resume,
-            progress=not args.no_progress,
-            run_name=args.run_name,
-            trainer=lambda: build_trainer(cfg, args.trainer, str(args.output)),
-        )
+        run = {"resume": args.resume, "progress": not args.no_progress, "run_name": args.run_name}
+        if args.trainer == "train":
+            result = train_with_ray_train(cfg, data_dir, args.output, **run)
+        else:
+            build = lambda: build_trainer(cfg, args.trainer, str(args.output))  # noqa: E731 - once the data is checked
+            result = pretrain(cfg, data_dir, args.output, trainer=build, **run)
     except (DataError, ConfigError, CheckpointError, StorageError) as exc:
         print(f"raymoe pretrain: {exc}", file=sys.stderr)
         return 2
     except GraphError as exc:
         print(f"raymoe pretrain: the actor graph failed: {exc}", file=sys.stderr)
+        return 1
+    except RayTrainError as exc:
+        print(f"raymoe pretrain: {exc}", file=sys.stderr)
         return 1
     print(
         f"trained to step {result.steps} in {time.perf_counter() - t0:.0f} s: loss {result.first_loss:.3f} -> "

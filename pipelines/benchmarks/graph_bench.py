@@ -1,11 +1,14 @@
-"""``raymoe bench graph``: the training step of the local trainer against the actor graph, side by side.
+"""``raymoe bench graph``: the training step of the local trainer, the actor graph and Ray Train, side by side.
 
 One run trains the preset (default ``bench``) on the same seeded random token batch of
 ``train.batch_size × train.seq_len`` tokens with
 
-- the local trainer (:class:`~raymoe.platform.train.trainer.LocalTrainer`, in this process), and
+- the local trainer (:class:`~raymoe.platform.train.trainer.LocalTrainer`, in this process),
 - the actor graph (:class:`~raymoe.actors.driver.GraphTrainer`) at each (dp, pp, ep) layout,
-  default (1,1,1), (1,1,2), (1,2,2) and (2,1,2),
+  default (1,1,1), (1,1,2), (1,2,2) and (2,1,2), and
+- the Ray Train engine (:mod:`raymoe.actors.ray_train`: ``dp`` Ray Train workers, each with the
+  whole model and its share of the micro-batches, gradients all-reduced) at each dp of the
+  layouts, after the last graph row of that dp (``train dp=2`` after ``graph 2,1,2``),
 
 one after another in one Ray session (started once: ``ray.init(num_cpus=2,
 include_dashboard=False)`` unless Ray is already up; shut down at the end if it was started
@@ -13,14 +16,16 @@ here). Every row trains the same global batch cut into the same number of micro-
 (``--micro-batches``, default 2: 2 per replica at dp = 1, 1 per replica at dp = 2), from the
 same initial weights, so the first step's loss must agree across rows (the report keeps it as a
 check). Each row runs ``warmup_steps`` untimed steps, then ``steps`` timed ones; the graph's
-actors are killed before the next row starts.
+actors are killed before the next row starts. A Ray Train row is one ``TorchTrainer.fit()`` whose
+workers run the same warmup and timed steps (rank 0 times them; the workers end with the row).
 
 Reported per row (every number is measured in the run, nothing is estimated):
 
 - **step s**: the median step time over the timed steps (the lower median for an even count, so
   it is a real step and the split below is that step's). Local: the wall time of
   ``LocalTrainer.train_step``. Graph: the driver's wall time of ``GraphTrainer.train_step``
-  (``graph/step_s``): submitting every call, waiting for the actors, the optimizer step.
+  (``graph/step_s``): submitting every call, waiting for the actors, the optimizer step. Ray Train:
+  rank 0's wall time of its step (its share, the all-reduces, the optimizer step).
 - **tok/s**: ``batch_size × seq_len`` ÷ step s; **x local**: step s ÷ the local trainer's.
 - The split of that step, seen from the busiest actor (the critical path's compute):
 
@@ -28,7 +33,8 @@ Reported per row (every number is measured in the run, nothing is estimated):
     actor spent inside torch (forward and backward pieces, expert passes, gradient reduction and
     norms, the optimizer step), timed by the actor itself. No schedule can be faster than this
     on its actor. It is wall time: while another process holds the core, it still counts.
-    Local: the whole step. (1,1,1): the trainer's own step time inside its actor. (A stage
+    Local: the whole step. (1,1,1): the trainer's own step time inside its actor. Ray Train: a
+    worker's step less its all-reduces (which include waiting for the slowest worker). (A stage
     counts its optimizer step into the *next* step's compute, a shard not at all: the first
     AdamW step is slow, so a timed step right after a single warmup step can show more compute
     than step time; the default warmup is 2.)
@@ -95,6 +101,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL = "local"
 GRAPH = "graph"
+TRAIN = "train"  # the Ray Train engine
 LAYOUTS: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 1, 2), (1, 2, 2), (2, 1, 2))
 DTYPES = ("fp32", "bf16")
 DEFAULT_ACTOR_THREADS = 0  # RAYMOE_ACTOR_THREADS for every actor; 0 = unset: each actor's share of the cores
@@ -117,6 +124,7 @@ class GraphBenchOptions:
     overrides: list[str] = field(default_factory=list)  # dotted config overrides (train.batch_size=4, ...)
     layouts: tuple[tuple[int, int, int], ...] = LAYOUTS  # (dp, pp, ep) of each graph row
     local: bool = True  # also the local trainer (the reference of the ratios)
+    ray_train: bool = True  # also the Ray Train engine at each dp of the layouts
     micro_batches: int = 2  # micro-batches of the global batch, on every row (per replica: this ÷ dp)
     warmup_steps: int = 2  # bf16 needs two: oneDNN builds its kernels for the first GEMM shapes it meets
     steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
@@ -127,6 +135,21 @@ class GraphBenchOptions:
 
 def layout_label(layout: tuple[int, int, int] | None) -> str:
     return LOCAL if layout is None else f"{GRAPH} {','.join(map(str, layout))}"
+
+
+def train_label(dp: int) -> str:
+    return f"{TRAIN} dp={dp}"
+
+
+def plan_rows(opts: GraphBenchOptions) -> list[tuple[str, Any]]:
+    """The rows in order, as (trainer, layout or dp): the local trainer, the graph's layouts, and a Ray Train row
+    after the last layout of each dp."""
+    rows: list[tuple[str, Any]] = [(LOCAL, None)] if opts.local else []
+    for i, layout in enumerate(opts.layouts):
+        rows.append((GRAPH, layout))
+        if opts.ray_train and layout[0] not in [later[0] for later in opts.layouts[i + 1 :]]:
+            rows.append((TRAIN, layout[0]))
+    return rows
 
 
 def parse_layouts(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -267,13 +290,13 @@ def _descendants(root: int) -> set[int]:
     return out
 
 
-def _cpu_snapshot(pids: dict[str, int], ray_processes: bool) -> dict[str, Any]:
+def _cpu_snapshot(pids: dict[str, int], ray_processes: bool, root: int | None = None) -> dict[str, Any]:
     """CPU seconds so far of each of ``pids``, of the machine, and (``ray_processes``) of every other process
-    below this one: Ray's own (raylet, GCS, agents, idle workers) when Ray was started here."""
+    below ``root`` (default this one): Ray's own (raylet, GCS, agents, idle workers) when Ray was started there."""
     snap: dict[str, Any] = {key: _process_cpu_s(pid) for key, pid in pids.items()}
     snap[MACHINE] = _machine_busy_s()
     if ray_processes:
-        others = _descendants(os.getpid()) - set(pids.values())
+        others = _descendants(root or os.getpid()) - set(pids.values())
         snap[RAY] = {pid: cpu for pid in others if (cpu := _process_cpu_s(pid)) is not None}
     return snap
 
@@ -294,16 +317,17 @@ def _time_steps(
     pids: dict[str, int],
     progress: Callable[[], None] | None,
     ray_processes: bool = False,
+    root: int | None = None,
 ) -> tuple[list[float], list[dict[str, float]], list[float], list[dict[str, float | None]]]:
     """Run the warmup and timed steps; (driver seconds, ``extra`` timings, loss, CPU seconds per process and of the
-    machine) of each, warmup included."""
+    machine) of each, warmup included. ``root``: the process below which Ray's own run (default this one)."""
     seconds, extras, losses, cpus = [], [], [], []
     for _ in range(opts.warmup_steps + opts.steps):
-        before = _cpu_snapshot(pids, ray_processes)
+        before = _cpu_snapshot(pids, ray_processes, root)
         t0 = time.perf_counter()
         m = step()
         seconds.append(time.perf_counter() - t0)
-        cpus.append(_cpu_delta(before, _cpu_snapshot(pids, ray_processes)))
+        cpus.append(_cpu_delta(before, _cpu_snapshot(pids, ray_processes, root)))
         extras.append(dict(m.extra))
         losses.append(float(m.loss))
         if progress is not None:
@@ -317,8 +341,9 @@ def _median_index(values: list[float]) -> int:
     return values.index(low)
 
 
-def _split(seconds: float, extra: dict[str, float], cpu: dict[str, float | None], local: bool) -> dict[str, Any]:
-    """One step's split: compute of the busiest actor, the rest, all compute, CPU time, the driver's phases."""
+def _split(seconds: float, extra: dict[str, float], cpu: dict[str, float | None], trainer: str) -> dict[str, Any]:
+    """One step's split: compute of the busiest actor (or worker), the rest, all compute, CPU time, the driver's
+    phases (graph rows only)."""
     processes = {k: v for k, v in cpu.items() if k != MACHINE}
     cpu_fields = {
         "cpu_by_process": processes,
@@ -330,21 +355,23 @@ def _split(seconds: float, extra: dict[str, float], cpu: dict[str, float | None]
         if None in (cpu[MACHINE], *processes.values())
         else max(cpu[MACHINE] - sum(processes.values()), 0.0) / seconds,
     }
-    if local:
+    if trainer == LOCAL:
         return {"compute_s": seconds, "busiest": LOCAL, "other_s": 0.0, "sum_compute_s": seconds,
                 "submit_s": None, "wait_s": None, "update_s": None, "compute_by_actor": {LOCAL: seconds},
                 **cpu_fields}  # fmt: skip
     by_actor = {k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith("compute_s/")}
     busiest = max(by_actor, key=by_actor.get)
     step_s = extra.get("graph/step_s", seconds)
+    graph = trainer == GRAPH
     return {
         "compute_s": by_actor[busiest],
         "busiest": busiest,
         "other_s": step_s - by_actor[busiest],
         "sum_compute_s": sum(by_actor.values()),
         "submit_s": extra.get("graph/submit_s"),
-        "wait_s": extra.get("graph/wait_s", step_s if len(by_actor) == 1 else None),
+        "wait_s": extra.get("graph/wait_s", step_s if graph and len(by_actor) == 1 else None),
         "update_s": extra.get("graph/update_s"),
+        "allreduce_s": extra.get("train/allreduce_s"),  # Ray Train: rank 0's reductions (and its waits there)
         "compute_by_actor": by_actor,
         **cpu_fields,
     }
@@ -401,6 +428,12 @@ def run_row(
             trainer.shutdown()
         trainer = None
         gc.collect()
+    return _finish_row(row, opts, cfg, (seconds, extras, losses, cpus))
+
+
+def _finish_row(row: dict[str, Any], opts: GraphBenchOptions, cfg: RaymoeConfig, timed_steps: tuple) -> dict[str, Any]:
+    """``row`` with the median timed step, its split and the losses, from what :func:`_time_steps` returned."""
+    seconds, extras, losses, cpus = timed_steps
     timed = seconds[opts.warmup_steps :]
     timed_extra = extras[opts.warmup_steps :]
     step_s = [e.get("graph/step_s", s) for s, e in zip(timed, timed_extra)]
@@ -414,10 +447,88 @@ def run_row(
             "tokens_per_s": tokens / step_s[i],
             "first_loss": losses[0],
             "losses": losses,
-            **_split(step_s[i], timed_extra[i], cpus[opts.warmup_steps + i], layout is None),
+            **_split(step_s[i], timed_extra[i], cpus[opts.warmup_steps + i], row["trainer"]),
         }
     )
     return row
+
+
+def _train_row_worker(config: dict[str, Any]) -> tuple | None:
+    """What every Ray Train worker of a Ray Train row runs: the row's steps on its share; rank 0 times them and
+    returns what :func:`_time_steps` returns, with every worker's compute in the ``extra`` timings."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raymoe.actors.ray_train import ReplicaTrainer
+    from raymoe.actors.runtime import set_threads
+    from raymoe.platform.devices import resolve_device
+    from raymoe.platform.train.loop import micro_batches
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg, opts = config["cfg"], config["opts"]
+    set_threads(cfg.parallel.num_cpus_per_actor, peers=context.get_local_world_size())
+    torch.manual_seed(cfg.train.seed)
+    trainer = ReplicaTrainer(cfg, rank, world, resolve_device(cfg.parallel.device))
+    batches = micro_batches(*random_batch(cfg), opts.micro_batches)
+    pids: list[Any] = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    compute: list[float] = []
+
+    def step() -> Any:
+        m = trainer.train_step(batches)
+        compute.append(m.extra[f"compute_s/worker_{rank}"])
+        return m
+
+    if rank == 0:
+        workers = {f"worker_{r}": pid for r, pid in enumerate(pids)}
+        timed = _time_steps(step, opts, {**workers, DRIVER: config["driver_pid"]}, None, True, config["driver_pid"])
+    else:
+        for _ in range(opts.warmup_steps + opts.steps):
+            step()
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, compute)
+    if rank != 0:
+        return None
+    for i, extra in enumerate(timed[1]):
+        extra.update({f"compute_s/worker_{r}": seconds[i] for r, seconds in enumerate(every)})
+    return timed
+
+
+def run_train_row(opts: GraphBenchOptions, dp: int) -> dict[str, Any]:
+    """The Ray Train engine's row at ``dp`` workers (a fixed count; ``error`` set on failure)."""
+    import dataclasses
+    import tempfile
+
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raymoe.actors.ray_train import backend_of, scaling_config
+
+    cfg = row_config(opts, (dp, 1, 1))
+    cfg = dataclasses.replace(cfg, elastic=dataclasses.replace(cfg.elastic, min_dp=dp))
+    row: dict[str, Any] = {"label": train_label(dp), "trainer": TRAIN, "dp": dp, "pp": None, "ep": None,
+                           "micro_batches_per_replica": opts.micro_batches // dp, "dtype": cfg.train.dtype,
+                           "error": None, "actors": dp, "actor_keys": [f"worker_{r}" for r in range(dp)]}  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="raymoe-bench-train-") as folder:
+            trainer = TorchTrainer(
+                _train_row_worker,
+                train_loop_config={"cfg": cfg, "opts": opts, "driver_pid": os.getpid()},
+                torch_config=TorchConfig(backend=backend_of(cfg)),
+                scaling_config=scaling_config(cfg),
+                run_config=RunConfig(name=f"bench-{dp}", storage_path=folder, failure_config=FailureConfig()),
+            )
+            timed = trainer.fit().return_value
+    except Exception as exc:  # noqa: BLE001 - a failed row is reported, the bench goes on
+        logger.exception("%s failed", row["label"])
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return row
+    finally:
+        gc.collect()
+    row["startup_s"] = time.perf_counter() - t0 - sum(timed[0])  # Ray Train's controller and workers starting
+    return _finish_row(row, opts, cfg, timed)
 
 
 def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -433,10 +544,13 @@ def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] |
     started, env_applied = _start_ray(opts) if opts.layouts else (False, True)
     rows = []
     try:
-        plan = ([None] if opts.local else []) + list(opts.layouts)
-        for layout in plan:
-            label = layout_label(layout)
-            rows.append(run_row(opts, layout, (lambda label=label: progress(label)) if progress else None))
+        for trainer, what in plan_rows(opts):
+            if trainer == TRAIN:  # its steps run in the workers: no progress calls
+                label = train_label(what)
+                rows.append(run_train_row(opts, what))
+            else:
+                label = layout_label(what)
+                rows.append(run_row(opts, what, (lambda label=label: progress(label)) if progress else None))
             r = rows[-1]
             logger.info("%s: %s", label, r["error"] or f"{r['step_s']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s")
     finally:
@@ -557,6 +671,8 @@ def format_table(report: dict[str, Any]) -> str:
         "  the optimizer step's round trip; (1,1,1) is one call (all wait). loss@0 = the first step's loss: the "
         "same data and initial weights",
         f"  on every row (spread {_cell(report['first_loss_spread'], '.2e')}).",
+        "train dp=N = the Ray Train engine: N workers, each with the whole model and its share of the micro-batches; "
+        "its compute = a worker's step less its all-reduces.",
         f"took {report['seconds']:.0f} s; 1-min load average {report['load_average'][0]:.2f} before the bench",
     ]
     disturbed = [f"{r['label']} ({r['other_cores']:.2f})" for r in report["rows"]

@@ -14,7 +14,8 @@ ROW_KEYS = {"label", "step_s", "tokens_per_s", "x_local", "compute_s", "other_s"
 
 @pytest.mark.slow
 def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, capsys):
-    """The local trainer and the graph at every default layout, one timed step each, on the tiny preset."""
+    """The local trainer, the graph at every default layout and Ray Train at each dp, one timed step each, on the
+    tiny preset."""
     out_file = tmp_path / "graph.json"
     argv = ["bench", "graph", "--preset", "tiny", "--warmup-steps", "0", "--steps", "1", "--json", "--no-progress"]
     code = cli.main([*argv, "--out", str(out_file)])
@@ -25,7 +26,9 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
     assert json.loads(out_file.read_text()) == report
     assert (report["preset"], report["steps"], report["micro_batches"]) == ("tiny", 1, 2)
     rows = report["rows"]
-    assert [r["label"] for r in rows] == ["local"] + [f"graph {dp},{pp},{ep}" for dp, pp, ep in LAYOUTS]
+    # the Ray Train engine beside the last graph row of each dp
+    graph_labels = [f"graph {dp},{pp},{ep}" for dp, pp, ep in LAYOUTS]
+    assert [r["label"] for r in rows] == ["local", *graph_labels[:3], "train dp=1", graph_labels[3], "train dp=2"]
     for r in rows:
         assert r["error"] is None, r
         assert ROW_KEYS <= r.keys()
@@ -33,7 +36,7 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
         assert r["compute_s"] > 0 and r["sum_cpu_s"] > 0  # timed by the actors, and read from /proc
         # the tiny model at init: near log(vocab 512) = 6.2 for the main loss, plus 0.3 x the MTP loss
         assert 6.0 < r["first_loss"] < 9.0, r["first_loss"]
-    graph = {(r["dp"], r["pp"], r["ep"]): r for r in rows[1:]}
+    graph = {(r["dp"], r["pp"], r["ep"]): r for r in rows if r["trainer"] == "graph"}
     assert graph[(2, 1, 2)]["micro_batches_per_replica"] == 1 and graph[(1, 1, 2)]["micro_batches_per_replica"] == 2
     # actors: one colocated; stages + shards, every one of which computed in the step
     assert [graph[layout]["actors"] for layout in LAYOUTS] == [1, 3, 4, 4]
@@ -44,10 +47,16 @@ def test_bench_graph_tiny_runs_every_row_and_prints_a_json_last_line(tmp_path, c
     assert set(r["compute_by_actor"]) == {"stage_r0_s0", "shard_0", "shard_1"}
     assert r["busiest"] in r["compute_by_actor"]
     assert min(r["submit_s"], r["wait_s"], r["update_s"]) > 0  # the driver's phases were timed
+    train = {r["dp"]: r for r in rows if r["trainer"] == "train"}
+    for dp, r in train.items():  # every worker computed; the reductions were timed, from dp = 2 on
+        assert set(r["compute_by_actor"]) == {f"worker_{k}" for k in range(dp)} and r["actors"] == dp
+        assert min(r["compute_by_actor"].values()) > 0 and r["busiest"] in r["compute_by_actor"]
+        assert r["submit_s"] is None and r["wait_s"] is None and r["allreduce_s"] >= 0
+    assert train[2]["allreduce_s"] > 0 and train[2]["micro_batches_per_replica"] == 1
     # the same data and initial weights everywhere: the first step's loss agrees
     assert report["first_loss_spread"] < 1e-4
     table = "\n".join(lines[:-1])
-    assert "graph 1,1,2" in table and "xfer+wait" in table and "x local" in table
+    assert "graph 1,1,2" in table and "train dp=2" in table and "xfer+wait" in table and "x local" in table
 
 
 @pytest.mark.parametrize(
