@@ -42,6 +42,7 @@ import torch
 
 from raymoe.platform.inference.batch import SeqRun, build_step
 from raymoe.platform.inference.cache import BlockAllocator
+from raymoe.platform.inference.detok import Detokenizer
 from raymoe.platform.inference.sampling import (
     SamplingError,
     SamplingParams,
@@ -121,7 +122,8 @@ class _Seq:
     computed: int = 0  # positions of the main model's cache that are valid
     blocks: list[int] = field(default_factory=list)
     draft: int | None = None
-    text: str = ""  # output text sent so far
+    detok: Detokenizer | None = None  # the output's text, decoded incrementally
+    sent: int = 0  # characters of that text sent so far
     arrived: float = 0.0
 
     @property
@@ -139,7 +141,8 @@ class Engine:
     Args:
         runner: :class:`~raymoe.platform.inference.runner.LocalRunner` or the graph's runner.
         config: limits.
-        decode: token ids -> text (the tokenizer's), for stop strings and streamed text.
+        decode: token ids -> text (the tokenizer's), for stop strings and streamed text; each step decodes only
+            its new tokens (:class:`~raymoe.platform.inference.detok.Detokenizer`).
         eos_token_id: a sequence ends after producing it (unless its request ignores EOS).
     """
 
@@ -408,21 +411,23 @@ class Engine:
             if len(seq.output) >= seq.params.max_tokens:
                 reason = "length"
                 break
-        text = self.decode(seq.output)
+        if seq.detok is None:
+            seq.detok = Detokenizer(self.decode)
+        searched = len(seq.detok.text)  # a stop string ending before this was found in an earlier step
+        seq.detok.add(added)  # decodes the new tokens only; holds back an incomplete UTF-8 character
+        if reason is not None:
+            seq.detok.flush()
+        text = seq.detok.text
+        end = len(text)
         stops = seq.params.stop
         if stops:
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops) if i >= 0]
             if hits:
-                text, reason = text[: min(hits)], "stop"
-        if reason is None:
-            # hold back what may still change: an incomplete UTF-8 character, a stop string's start
-            hold = max((len(s) - 1 for s in stops), default=0)
-            cut = len(text) - hold
-            while cut > 0 and text[cut - 1] == "\ufffd":
-                cut -= 1
-            text = text[: max(cut, len(seq.text))]
-        delta = text[len(seq.text) :]
-        seq.text = text
+                end, reason = min(hits), "stop"
+        if reason is None:  # hold back what may still change: a stop string's start
+            end = max(end - max((len(s) - 1 for s in stops), default=0), seq.sent)
+        delta = text[seq.sent : end]
+        seq.sent = end
         kept = logprobs[: len(added)] if logprobs is not None else None
         self._emit(seq, added, finished=reason is not None, reason=reason, text=delta, logprobs=kept)
         if reason is not None:
