@@ -221,6 +221,8 @@ class GraphTrainer:
             self.timings[f"wait_s/{key}"] = max(seconds - rep["compute_s"], 0.0)
         for k, rep in enumerate(shard_reports):
             self.timings[f"tokens/shard_{k}"] = rep["tokens"]
+        # tensors the actors handed each other this step (activations, dispatch buffers, gradients)
+        self.timings["graph/moved_mb"] = sum(rep.get("sent_bytes", 0) for rep in reports) / 2**20
         metrics = StepMetrics(
             step=self.step, loss=loss, main_loss=main, mtp_loss=mtp, aux_loss=aux, lr=lr, grad_norm=grad_norm,
             tokens=sum(s["tokens"] for s in stats), seconds=seconds, loads=loads,

@@ -47,7 +47,7 @@ class GraphRunner:
         timeout_s: the longest wait on one step.
         start_timeout_s: the longest wait for the actors to start (they import torch and load weights).
         num_cpus_per_actor, num_gpus_per_actor: Ray resources of each actor.
-        placement: the placement group's strategy, ``PACK`` or ``SPREAD`` over the nodes.
+        placement: the placement group's strategy: ``auto``, ``PACK`` or ``SPREAD`` over the nodes.
     """
 
     def __init__(
@@ -65,7 +65,7 @@ class GraphRunner:
         start_timeout_s: float = 600.0,
         num_cpus_per_actor: float = 0.0,
         num_gpus_per_actor: float = 0.0,
-        placement: str = "PACK",
+        placement: str = "auto",
     ) -> None:
         parallel = ParallelConfig(pp=pp, ep=ep, num_cpus_per_actor=num_cpus_per_actor,
                                   num_gpus_per_actor=num_gpus_per_actor, timeout_s=timeout_s,

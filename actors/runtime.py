@@ -36,6 +36,19 @@ class GraphError(RuntimeError):
     """The actor graph cannot go on: an actor died, timed out or failed; the message names it."""
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in ``value`` (tensors, dataclasses, lists, tuples, dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(value, f)) for f in value.__dataclass_fields__)
+    return 0
+
+
 class Parking:
     """What a graph actor needs for the direct transport: run a call and keep its results, hand them out one by one.
 
@@ -44,6 +57,12 @@ class Parking:
     tag of the driver's, and :meth:`take` (called with ``tensor_transport``) returns result ``i``.
     An actor runs its calls in order, so a take always finds what the park before it left."""
 
+    def relay(self, method: str, *args: Any) -> Any:
+        """A data-plane call by the object store: the call itself, its tensor bytes counted (:meth:`sent_bytes`)."""
+        out = getattr(self, method)(*args)
+        self._sent = self.__dict__.get("_sent", 0) + tensor_bytes(out)
+        return out
+
     def park(self, tag: int, method: str, n: int, *args: Any) -> None:
         parked = self.__dict__.setdefault("_parked", {})
         try:
@@ -51,7 +70,12 @@ class Parking:
         except BaseException as exc:  # every take of this call re-raises it (the driver reads only the takes)
             parked[tag] = [exc, n]
             raise
+        self._sent = self.__dict__.get("_sent", 0) + tensor_bytes(out)
         parked[tag] = [[out] if n == 1 else list(out), n]
+
+    def sent_bytes(self) -> int:
+        """The tensor bytes of this actor's data-plane results since the last call (and resets the count)."""
+        return self.__dict__.pop("_sent", 0)
 
     def take(self, tag: int, i: int) -> Any:
         entry = self._parked[tag]
@@ -100,7 +124,7 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def this_node() -> dict[str, str]:
@@ -207,6 +231,7 @@ class RayRuntime(Runtime):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
+        strategy = resolve_placement(strategy, bundles)
         group = placement_group(bundles, strategy=strategy)
         if not group.wait(timeout_s):
             remove_placement_group(group)
@@ -242,7 +267,10 @@ class RayRuntime(Runtime):
             self.tags += 1
             actor.park.remote(self.tags, method, n, *args)
             return [actor.take.options(tensor_transport=GLOO).remote(self.tags, i) for i in range(n)]
-        refs = getattr(actor, method).options(num_returns=n).remote(*args)
+        if direct:  # the same call, its bytes counted by the actor
+            refs = actor.relay.options(num_returns=n).remote(method, *args)
+        else:
+            refs = getattr(actor, method).options(num_returns=n).remote(*args)
         return [refs] if n == 1 else list(refs)
 
     def connect(self) -> None:
@@ -391,6 +419,19 @@ def _resources(r: dict[str, float]) -> str:
 
 
 MIN_BUNDLE_CPU = 0.01  # a bundle must reserve something: an actor that asks for no CPU takes this sliver
+
+
+def resolve_placement(strategy: str, bundles: list[dict[str, float]]) -> str:
+    """``auto``: SPREAD when every bundle is the bare sliver (actors that reserve nothing) and Ray has several alive
+    nodes, so that such actors do not all land on the first node; otherwise PACK (reserved resources fill a node,
+    e.g. its GPUs, before the next). PACK and SPREAD are kept."""
+    if strategy != "auto":
+        return strategy
+    import ray
+
+    bare = all(set(b) == {"CPU"} and b["CPU"] <= MIN_BUNDLE_CPU for b in bundles)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return "SPREAD" if bare and nodes > 1 else "PACK"
 
 
 def actor_bundle(num_cpus: float, num_gpus: float, memory_gb: float = 0.0) -> dict[str, float]:

@@ -152,7 +152,7 @@ class Shard(Parking):
         grads = [p.grad for _, p in self.params if p.grad is not None]
         sumsq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)) if grads else 0.0
         return {"sumsq": sumsq, "tokens": self.tokens, "rows": self.rows, "compute_s": self.compute_s,
-                "in_flight": len(self.graphs)}  # fmt: skip
+                "in_flight": len(self.graphs), "sent_bytes": self.sent_bytes()}  # fmt: skip
 
     def apply_step(self, lr: float, clip_coef: float, biases: Any = None) -> None:
         t0 = time.perf_counter()

@@ -450,7 +450,7 @@ class Stage(Collective):
         self.compute_s += time.perf_counter() - t0
         return {"sumsq": sumsq, "loads": self.loads.loads(), "layers": sorted(self.loads.index),
                 "stats": list(self.stats), "aux": self.aux_sum, "compute_s": self.compute_s,
-                "in_flight": len(self.flights)}  # fmt: skip
+                "in_flight": len(self.flights), "sent_bytes": self.sent_bytes()}  # fmt: skip
 
     def apply_step(self, lr: float, clip_coef: float, biases: dict[int, torch.Tensor]) -> None:
         """Clip by the global coefficient, step AdamW at ``lr``, set the gates' new biases."""

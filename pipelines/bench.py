@@ -240,6 +240,8 @@ def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", help=f"preset or .yaml (default {defaults.preset})")
     parser.add_argument("--layouts", help=f"space- or ;-separated dp,pp,ep triples (default {layouts!r})")
     parser.add_argument("--no-local", action="store_true", help="skip the local trainer (no ratios then)")
+    parser.add_argument("--no-ray-train", action="store_true", help="skip the Ray Train rows")
+    parser.add_argument("--transports", help="parallel.transport of the graph rows (default 'object_store,direct')")
     parser.add_argument("--dtype", help="fp32 or bf16 (default: the preset's train.dtype)")
     parser.add_argument(
         "--micro-batches",
@@ -265,7 +267,7 @@ def _register_graph(benchmarks: argparse._SubParsersAction) -> None:
 def graph_options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~raymoe.pipelines.benchmarks.graph_bench.GraphBenchOptions` of the command line."""
     from raymoe.pipelines.benchmarks.graph_bench import GraphBenchOptions, parse_layouts
-    from raymoe.platform.config import ConfigError
+    from raymoe.platform.config import TRANSPORTS, ConfigError
 
     env = {}
     for item in args.actor_env:
@@ -283,7 +285,13 @@ def graph_options_from_args(args: argparse.Namespace) -> Any:
         "actor_threads": args.actor_threads,
     }
     changes = {name: value for name, value in given.items() if value is not None}
-    return GraphBenchOptions(overrides=list(args.overrides), local=not args.no_local, actor_env=env, **changes)
+    if args.transports is not None:
+        changes["transports"] = tuple(t.strip() for t in args.transports.split(",") if t.strip())
+        bad = [t for t in changes["transports"] if t not in TRANSPORTS]
+        if bad or not changes["transports"]:
+            raise ConfigError(f"--transports: each must be one of {', '.join(TRANSPORTS)}, got {args.transports!r}")
+    return GraphBenchOptions(overrides=list(args.overrides), local=not args.no_local, actor_env=env,
+                             ray_train=not args.no_ray_train, **changes)  # fmt: skip
 
 
 def run_graph(args: argparse.Namespace) -> int:
@@ -294,7 +302,8 @@ def run_graph(args: argparse.Namespace) -> int:
 
     opts = graph_options_from_args(args)
     graph_bench.check_options(opts)  # a bad option fails now, not after minutes of benchmarking
-    total = (len(opts.layouts) + int(opts.local)) * (opts.warmup_steps + opts.steps)
+    steps_per_row = opts.warmup_steps + opts.steps  # Ray Train rows run in their workers: no progress calls
+    total = sum(steps_per_row for kind, _ in graph_bench.plan_rows(opts) if kind != graph_bench.TRAIN)
     with tqdm(total=total, desc="bench graph", unit="step", disable=args.no_progress or None) as bar:
 
         def progress(label: str) -> None:

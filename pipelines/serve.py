@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raymoe.platform.config import PLACEMENTS
 from raymoe.platform.inference import openai_api as api
 from raymoe.platform.inference.engine import EngineDead, EngineOverloaded, Output, RequestError
 from raymoe.platform.inference.sampling import choice_seed
@@ -101,7 +102,7 @@ class ServeArgs(BaseModel):
     )
     parallel: dict[str, int | float | str] = Field(
         default_factory=lambda: {"pp": 1, "ep": 1},
-        description="the graph runner's pp, ep, num_cpus_per_actor and placement (PACK | SPREAD)",
+        description="the graph runner's pp, ep, num_cpus_per_actor and placement (auto | PACK | SPREAD)",
     )
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
@@ -116,8 +117,8 @@ class ServeArgs(BaseModel):
         for key, kind in GRAPH_PARALLEL.items():
             if key in value and not isinstance(value[key], kind):
                 raise ValueError(f"parallel.{key} must be {kind.__name__ if isinstance(kind, type) else 'a number'}")
-        if value.get("placement", "PACK") not in ("PACK", "SPREAD"):
-            raise ValueError(f"parallel.placement must be PACK or SPREAD, got {value['placement']!r}")
+        if value.get("placement", "auto") not in PLACEMENTS:
+            raise ValueError(f"parallel.placement must be one of {', '.join(PLACEMENTS)}, got {value['placement']!r}")
         return value
 
     @model_validator(mode="before")
@@ -241,7 +242,7 @@ def _make_runner(args: ServeArgs, served: Any) -> Any:
                            pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype,
                            device=args.device, num_gpus_per_actor=args.gpus_per_actor,
                            num_cpus_per_actor=args.parallel.get("num_cpus_per_actor", 0.0),
-                           placement=args.parallel.get("placement", "PACK"))  # fmt: skip
+                           placement=args.parallel.get("placement", "auto"))  # fmt: skip
     from raymoe.platform.checkpoint.reader import load_model
     from raymoe.platform.devices import resolve_device
 

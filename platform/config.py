@@ -87,6 +87,7 @@ class ModelConfig:
 
 
 TRANSPORTS = ("object_store", "direct")
+PLACEMENTS = ("auto", "PACK", "SPREAD")
 
 
 @dataclass(kw_only=True)
@@ -101,7 +102,9 @@ class ParallelConfig:
     num_cpus_per_actor: float = 0.0
     num_gpus_per_actor: float = 0.0
     memory_per_actor_gb: float = 0.0  # memory each actor's bundle reserves (0: none)
-    placement: str = "PACK"  # PACK (fill nodes in turn) | SPREAD (one actor per node where it can): the placement group
+    # the placement group's strategy: PACK (fill nodes in turn) | SPREAD (one actor a node where it can) | auto
+    # (SPREAD when actors reserve nothing and the cluster has several nodes, so they do not all share one; else PACK)
+    placement: str = "auto"
     reserve_timeout_s: float = 60.0  # the longest the graph waits for its placement group, then names what is missing
     transport: str = "object_store"  # object_store | direct (Ray Direct Transport over gloo): activations, gradients
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
@@ -327,8 +330,8 @@ def validate(cfg: RaymoeConfig) -> None:
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
     _positive("parallel", p, ("timeout_s", "long_timeout_s", "reserve_timeout_s"))
     _positive("parallel", p, ("memory_per_actor_gb",), ("memory_per_actor_gb",))
-    if p.placement not in ("PACK", "SPREAD"):
-        raise ConfigError(f"parallel.placement must be PACK or SPREAD, got {p.placement!r}")
+    if p.placement not in PLACEMENTS:
+        raise ConfigError(f"parallel.placement must be one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
     if p.transport not in TRANSPORTS:
         raise ConfigError(f"parallel.transport must be one of {', '.join(TRANSPORTS)}, got {p.transport!r}")
     from raymoe.platform.devices import check_device_name

@@ -95,6 +95,7 @@ from typing import Any
 
 import torch
 
+from raymoe.actors.runtime import Parking
 from raymoe.platform.config import ConfigError, RaymoeConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class GraphBenchOptions:
     layouts: tuple[tuple[int, int, int], ...] = LAYOUTS  # (dp, pp, ep) of each graph row
     local: bool = True  # also the local trainer (the reference of the ratios)
     ray_train: bool = True  # also the Ray Train engine at each dp of the layouts
+    transports: tuple[str, ...] = ("object_store", "direct")  # parallel.transport of the graph rows (direct: 2+ actors)
     micro_batches: int = 2  # micro-batches of the global batch, on every row (per replica: this ÷ dp)
     warmup_steps: int = 2  # bf16 needs two: oneDNN builds its kernels for the first GEMM shapes it meets
     steps: int = 3  # timed steps per row; a bench-preset step takes ~2.5 s locally on 2 cores
@@ -133,8 +135,10 @@ class GraphBenchOptions:
     actor_env: dict[str, str] = field(default_factory=dict)  # more environment variables for the actors
 
 
-def layout_label(layout: tuple[int, int, int] | None) -> str:
-    return LOCAL if layout is None else f"{GRAPH} {','.join(map(str, layout))}"
+def layout_label(layout: tuple[int, int, int] | None, transport: str = "object_store") -> str:
+    if layout is None:
+        return LOCAL
+    return f"{GRAPH} {','.join(map(str, layout))}" + ("" if transport == "object_store" else f" {transport}")
 
 
 def train_label(dp: int) -> str:
@@ -146,7 +150,9 @@ def plan_rows(opts: GraphBenchOptions) -> list[tuple[str, Any]]:
     after the last layout of each dp."""
     rows: list[tuple[str, Any]] = [(LOCAL, None)] if opts.local else []
     for i, layout in enumerate(opts.layouts):
-        rows.append((GRAPH, layout))
+        for transport in opts.transports:
+            if transport == "object_store" or layout != (1, 1, 1):  # (1,1,1) is one actor: nothing moves
+                rows.append((GRAPH, (layout, transport)))
         if opts.ray_train and layout[0] not in [later[0] for later in opts.layouts[i + 1 :]]:
             rows.append((TRAIN, layout[0]))
     return rows
@@ -167,9 +173,13 @@ def parse_layouts(text: str) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-def row_config(opts: GraphBenchOptions, layout: tuple[int, int, int] | None) -> RaymoeConfig:
+def row_config(
+    opts: GraphBenchOptions, layout: tuple[int, int, int] | None, transport: str = "object_store"
+) -> RaymoeConfig:
     """The config of one row: the preset, the overrides, the dtype and the layout's parallel section."""
     overrides = list(opts.overrides)
+    if layout is not None:
+        overrides.append(f"parallel.transport={transport}")
     if opts.dtype is not None:
         overrides.append(f"train.dtype={opts.dtype}")
     if layout is not None:
@@ -381,16 +391,18 @@ def run_row(
     opts: GraphBenchOptions,
     layout: tuple[int, int, int] | None,
     progress: Callable[[], None] | None = None,
+    transport: str = "object_store",
 ) -> dict[str, Any]:
     """Train one row (``layout`` None: the local trainer); its result (``error`` set on failure)."""
     from raymoe.platform.train.loop import micro_batches
 
-    cfg = row_config(opts, layout)
+    cfg = row_config(opts, layout, transport)
     input_ids, labels = random_batch(cfg)
     batches = micro_batches(input_ids, labels, opts.micro_batches)
     row: dict[str, Any] = {
-        "label": layout_label(layout),
+        "label": layout_label(layout, transport),
         "trainer": LOCAL if layout is None else GRAPH,
+        "transport": None if layout is None else transport,
         "dp": None if layout is None else layout[0],
         "pp": None if layout is None else layout[1],
         "ep": None if layout is None else layout[2],
@@ -447,6 +459,7 @@ def _finish_row(row: dict[str, Any], opts: GraphBenchOptions, cfg: RaymoeConfig,
             "tokens_per_s": tokens / step_s[i],
             "first_loss": losses[0],
             "losses": losses,
+            "moved_mb": timed_extra[i].get("graph/moved_mb"),  # tensors the actors handed each other that step
             **_split(step_s[i], timed_extra[i], cpus[opts.warmup_steps + i], row["trainer"]),
         }
     )
@@ -549,10 +562,13 @@ def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] |
                 label = train_label(what)
                 rows.append(run_train_row(opts, what))
             else:
-                label = layout_label(what)
-                rows.append(run_row(opts, what, (lambda label=label: progress(label)) if progress else None))
+                layout, transport = what if what is not None else (None, "object_store")
+                label = layout_label(layout, transport)
+                rows.append(run_row(opts, layout, (lambda label=label: progress(label)) if progress else None,
+                                    transport))  # fmt: skip
             r = rows[-1]
             logger.info("%s: %s", label, r["error"] or f"{r['step_s']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s")
+        hops = hop_latencies(opts, cfg) if opts.layouts and "direct" in opts.transports else []
     finally:
         if started:
             ray.shutdown()
@@ -580,12 +596,56 @@ def run(opts: GraphBenchOptions | None = None, progress: Callable[[str], None] |
         "driver_threads": torch.get_num_threads(),
         "ray_num_cpus": RAY_NUM_CPUS if started else None,
         "rows": rows,
+        "hops": hops,
         # the same data and initial weights on every row: the first step's losses agree up to rounding
         "first_loss_spread": (max(losses) - min(losses)) if losses else None,
         "seconds": time.perf_counter() - start,
         "load_average": [load_start, os.getloadavg()[0]],
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
     }
+
+
+class Hop(Parking):
+    """A bare actor for the hop latency: makes a tensor, or takes one."""
+
+    def make(self, nbytes: int) -> torch.Tensor:
+        return torch.ones(nbytes // 4, dtype=torch.float32)
+
+    def take_in(self, x: torch.Tensor) -> int:
+        return x.numel()
+
+    def ready(self) -> bool:
+        return True
+
+
+HOP_REPEATS = 10
+
+
+def hop_latencies(opts: GraphBenchOptions, cfg: RaymoeConfig) -> list[dict[str, Any]]:
+    """For each transport: the median seconds of one actor's tensor reaching another (the made tensor passed on by
+    reference, as the driver passes a dispatch buffer), at the size of one micro-batch's rows × hidden in float32."""
+    from raymoe.actors.runtime import RayRuntime
+
+    rows = cfg.train.batch_size * cfg.train.seq_len // opts.micro_batches
+    nbytes = rows * cfg.model.hidden_size * 4
+    out = []
+    for transport in opts.transports:
+        rt = RayRuntime(60.0, 120.0, where="hop", transport=transport)
+        try:
+            a, b = (rt.make(Hop, f"Hop({i})", {"num_cpus": 0}) for i in range(2))
+            rt.get([rt.call(x, "ready")[0] for x in (a, b)], "starting", long=True)
+            rt.connect()
+            times = []
+            for _ in range(HOP_REPEATS + 1):
+                t0 = time.perf_counter()
+                rt.get(rt.call(b, "take_in", rt.call(a, "make", nbytes, direct=True)[0]), "a hop")
+                times.append(time.perf_counter() - t0)
+            timed = sorted(times[1:])
+            out.append({"transport": transport, "mb": nbytes / 2**20, "ms": timed[len(timed) // 2] * 1e3,
+                        "repeats": HOP_REPEATS})  # fmt: skip
+        finally:
+            rt.close()
+    return out
 
 
 # --------------------------------------------------------------------------- the table
@@ -597,7 +657,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned columns, with a footnote defining the split."""
-    header = ("trainer", "actors", "step s", "x local", "goal", "tok/s", "compute", "busiest", "xfer+wait",
+    header = ("trainer", "actors", "step s", "x local", "goal", "tok/s", "MB/step", "compute", "busiest", "xfer+wait",
               "Σ compute", "Σ CPU", "cores", "others", "submit", "wait", "update", "loss@0")  # fmt: skip
     rows = []
     for r in report["rows"]:
@@ -615,6 +675,7 @@ def format_table(report: dict[str, Any]) -> str:
                 _cell(r["x_local"], ".2f"),
                 goal,
                 f"{r['tokens_per_s']:,.0f}",
+                _cell(r.get("moved_mb"), ".1f"),
                 f"{r['compute_s']:.3f}",
                 r["busiest"],
                 f"{r['other_s']:.3f}",
@@ -631,7 +692,7 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...] | list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     threads = f"RAYMOE_ACTOR_THREADS={report['actor_threads']}" if report["actor_threads"] else "own thread counts"
     extra_env = {k: v for k, v in report["actor_env"].items() if k != "RAYMOE_ACTOR_THREADS"}
@@ -671,8 +732,15 @@ def format_table(report: dict[str, Any]) -> str:
         "  the optimizer step's round trip; (1,1,1) is one call (all wait). loss@0 = the first step's loss: the "
         "same data and initial weights",
         f"  on every row (spread {_cell(report['first_loss_spread'], '.2e')}).",
+        "MB/step = the tensors the graph's actors handed each other in that step (dispatch buffers, expert outputs, "
+        "hidden rows, gradients); 'direct' rows: parallel.transport=direct (Ray Direct Transport over gloo).",
         "train dp=N = the Ray Train engine: N workers, each with the whole model and its share of the micro-batches; "
         "its compute = a worker's step less its all-reduces.",
+        *[
+            f"one hop of {h['mb']:.1f} MB (a micro-batch's rows) from one actor to another, with the driver's round "
+            f"trip: {h['transport']} {h['ms']:.1f} ms (median of {h['repeats']})"
+            for h in report.get("hops", [])
+        ],
         f"took {report['seconds']:.0f} s; 1-min load average {report['load_average'][0]:.2f} before the bench",
     ]
     disturbed = [f"{r['label']} ({r['other_cores']:.2f})" for r in report["rows"]

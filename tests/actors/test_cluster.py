@@ -85,6 +85,12 @@ def test_spread_and_pack_place_the_graph_by_nodes(cluster, tmp_path: Path) -> No
             assert len(nodes) == (3 if placement == "SPREAD" else 1), (placement, graph.rt.nodes)
         finally:
             graph.shutdown()
+    # auto: actors that reserve nothing are spread over the nodes (PACK would put them all on one)
+    graph = GraphTrainer(_cfg(tmp_path / "m.db", "parallel.ep=2", "parallel.num_cpus_per_actor=0"))
+    try:
+        assert len({n["node_id"] for n in graph.rt.nodes.values()}) == 3, graph.rt.nodes
+    finally:
+        graph.shutdown()
     with pytest.raises(GraphError, match=r"cannot place 3 actors \(PACK\) within 3 s: each needs CPU 2"):
         GraphTrainer(_cfg(tmp_path / "m.db", "parallel.ep=2", "parallel.num_cpus_per_actor=2",
                           "parallel.reserve_timeout_s=3"))  # fmt: skip

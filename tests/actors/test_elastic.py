@@ -148,8 +148,8 @@ def test_faults_while_a_checkpoint_is_written_and_while_it_is_restored_are_retri
             graph = super()._build(layout)
             call = graph.rt.call
 
-            def call_then_kill(actor, method, *args, n=1):  # noqa: ANN001, ANN002, ANN202
-                refs = call(actor, method, *args, n=n)
+            def call_then_kill(actor, method, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+                refs = call(actor, method, *args, **kwargs)
                 if faults and method == faults[0][0] and actor in graph.shards and faults[0][1] in str(args[0]):
                     faults.pop(0)
                     ray.kill(actor)  # the call was submitted: the actor dies in the middle of it

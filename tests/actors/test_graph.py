@@ -90,6 +90,7 @@ def test_direct_transport_equals_the_object_store(ray_local) -> None:
             want, got = graphs["object_store"].train_step(mbs), graphs["direct"].train_step(mbs)
             assert (got.loss, got.mtp_loss, got.grad_norm) == (want.loss, want.mtp_loss, want.grad_norm)
             assert torch.equal(got.loads, want.loads)
+            assert got.extra["graph/moved_mb"] == want.extra["graph/moved_mb"] > 0  # the same tensors moved
         a, b = graphs["direct"].full_state_dict(), graphs["object_store"].full_state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b)
         import ray

@@ -20,7 +20,7 @@ def test_parallel_takes_the_layout_resources_and_placement() -> None:
         ({"pp": 1, "dp": 2}, "parallel has no dp"),
         ({"pp": "2"}, "parallel.pp must be int"),
         ({"num_cpus_per_actor": "x"}, "parallel.num_cpus_per_actor must be a number"),
-        ({"placement": "STRICT_PACK"}, "parallel.placement must be PACK or SPREAD"),
+        ({"placement": "STRICT_PACK"}, "parallel.placement must be one of auto, PACK, SPREAD"),
     ],
 )
 def test_a_wrong_parallel_names_the_key(parallel: dict, message: str) -> None:
