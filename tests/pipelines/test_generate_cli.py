@@ -137,7 +137,7 @@ def test_a_training_output_generates(training_output: Path, capsys: pytest.Captu
         (["--prompt-ids", "-1"], "-1 is outside the model's vocabulary"),
         (["--prompt", "def f"], "has no tokenizer.json"),
         (["--prompt-ids", "5", "--max-new-tokens", "600"], "exceed the model's context of 512 tokens"),
-        (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_tokens must be an integer"),
+        (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_tokens must be a positive integer, got 0"),
         (["--prompt-ids", "5", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--prompt-ids", "5", "--top-k", "-1"], "top_k must be a non-negative integer"),
         (["--prompt-ids", "5", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
