@@ -47,10 +47,9 @@ from raymoe.platform.checkpoint.layout import CHECKPOINTS_DIR, STATE_FILE, lates
 from raymoe.platform.config import ConfigError, RaymoeConfig
 from raymoe.platform.devices import resolve_device
 from raymoe.platform.model import DeepseekV3
-from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
+from raymoe.platform.train.balance import LoadCounter, max_violation
 from raymoe.platform.train.loop import PretrainResult, pretrain
-from raymoe.platform.train.optim import cosine_lr, set_lr
-from raymoe.platform.train.trainer import LocalTrainer, StepMetrics, autocast_context, build_model
+from raymoe.platform.train.trainer import STEP_SUMS, LocalTrainer, StepMetrics, autocast_context, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ POINTER_FILE = "raymoe_checkpoint.json"  # in a Ray Train checkpoint: {"checkpoi
 ATTEMPTS_FILE = "raymoe_attempts.json"  # in the Ray Train run folder: how many times the workers started
 GRAD_BUCKET_NUMEL = 1 << 24  # gradients all-reduced 16 Mi elements (64 MiB in fp32) at a time: bounded extra memory
 MIN_WORKER_CPU = 0.01  # a worker that asks for no CPU (parallel.num_cpus_per_actor=0) reserves this sliver
-SCALARS = ("loss", "main", "mtp", "aux", "tokens", "has_mtp", "has_aux")  # a step's summed metrics, in order
 
 
 class RayTrainError(RuntimeError):
@@ -169,72 +167,31 @@ class ReplicaTrainer(LocalTrainer):
     def _share(self, items: list) -> list:
         return items[self.rank :: self.world_size]
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
-        """One optimizer step over the global batch's ``micro_batches``, of which this worker runs ``[rank::world]``.
+    def _mine(self, micro_batches: list) -> list:
+        return self._share(micro_batches)
 
-        Gradients, loads and metrics are summed over the workers before clipping, the AdamW step and
-        the bias update, so every worker takes the same step as the local trainer on all of them."""
-        t0 = time.perf_counter()
-        tc = self.cfg.train
-        n = len(micro_batches)  # the global count: every micro-batch weighs 1 / n wherever it runs
-        counter = LoadCounter(self.moe_layer_ids, self.cfg.model.n_routed_experts)
-        sums = dict.fromkeys(SCALARS, 0.0)
-        for input_ids, labels in self._share(micro_batches):
-            input_ids, labels = input_ids.to(self.device), labels.to(self.device)
-            with autocast_context(tc.dtype, self.device):
-                out = self.model.loss(input_ids, labels, mtp_lambda=tc.mtp_lambda, hooks=counter)
-            (out.loss / n).backward()
-            sums["loss"] += out.loss.item() / n
-            sums["main"] += out.main_loss.item() / n
-            if out.mtp_loss is not None:
-                sums["mtp"], sums["has_mtp"] = sums["mtp"] + out.mtp_loss.item() / n, 1.0
-            if out.aux_loss is not None:
-                sums["aux"], sums["has_aux"] = sums["aux"] + out.aux_loss.item() / n, 1.0
-            sums["tokens"] += out.tokens
+    def _reduce(self, sums: dict[str, float], loads: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """Gradients, then the metric sums and the loads in one all-reduce (float64: exact counts, the local
+        trainer's float sums), so every worker takes the same step as the local trainer on all micro-batches."""
         t_comm = time.perf_counter()
         self._reduce_gradients()
-        # one all-reduce for the metrics and the loads (float64: exact counts, the local trainer's float sums)
-        loads = counter.loads()
-        flat = torch.tensor([sums[k] for k in SCALARS], dtype=torch.float64)
+        flat = torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64)
         reduced = self._all_reduce(torch.cat([flat, loads.double().reshape(-1)]).to(self.device)).cpu()
-        comm_s = time.perf_counter() - t_comm
-        total = dict(zip(SCALARS, reduced[: len(SCALARS)].tolist()))
-        loads = reduced[len(SCALARS) :].reshape(loads.shape).float()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True).item()
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
-        lr = cosine_lr(self.step, tc.steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)
-        biases = apply_bias_update(self.gates, loads, gamma)
-        seconds = time.perf_counter() - t0
-        metrics = StepMetrics(
-            step=self.step,
-            loss=total["loss"],
-            main_loss=total["main"],
-            mtp_loss=total["mtp"] if total["has_mtp"] else None,
-            aux_loss=total["aux"] if total["has_aux"] else None,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens=int(total["tokens"]),
-            seconds=seconds,
-            loads=loads,
-            max_vio=max_violation(loads) if loads.numel() else torch.zeros(0),
-            bias_min=float(biases.min()) if biases.numel() else 0.0,
-            bias_max=float(biases.max()) if biases.numel() else 0.0,
-            extra={
-                f"compute_s/worker_{self.rank}": seconds - comm_s,
-                "train/allreduce_s": comm_s,  # the reductions, and waiting there for the slowest worker
-                "train/workers": self.world_size,
-                "train/attempt": self.attempt,
-            },
-        )
-        self.history[self.step] = metrics.loss
-        self.step += 1
+        self._comm_s = time.perf_counter() - t_comm
+        total = dict(zip(STEP_SUMS, reduced[: len(STEP_SUMS)].tolist()))
+        return total, reduced[len(STEP_SUMS) :].reshape(loads.shape).float()
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
+        """One optimizer step over the global batch's ``micro_batches``, of which this worker runs ``[rank::world]``
+        (:meth:`LocalTrainer.train_step` with :meth:`_mine` and :meth:`_reduce`), with the worker's timings."""
+        metrics = super().train_step(micro_batches)
+        metrics.extra = {
+            f"compute_s/worker_{self.rank}": metrics.seconds - self._comm_s,
+            "train/allreduce_s": self._comm_s,  # the reductions, and waiting there for the slowest worker
+            "train/workers": self.world_size,
+            "train/attempt": self.attempt,
+        }
+        self.history[metrics.step] = metrics.loss
         return metrics
 
     def _reduce_gradients(self) -> None:

@@ -118,6 +118,9 @@ def check_same_model(cfg: RaymoeConfig, found: Any, where: str) -> None:
         )
 
 
+STEP_SUMS = ("loss", "main", "mtp", "aux", "tokens", "has_mtp", "has_aux")  # a step's summed metrics, in order
+
+
 class LocalTrainer:
     """Single-process pretraining of one model.
 
@@ -149,28 +152,37 @@ class LocalTrainer:
         """One optimizer step over ``micro_batches`` of (input_ids [b, S], labels [b, S]).
 
         The step's loss is the mean of the micro-batches' losses (equal-sized micro-batches).
-        """
+        Subclasses run a share of them (:meth:`_mine`) and sum across processes (:meth:`_reduce`)."""
         t0 = time.perf_counter()
-        tc = self.cfg.train
-        n = len(micro_batches)
+        n = len(micro_batches)  # every micro-batch weighs 1 / n wherever it runs
         counter = LoadCounter(self.moe_layer_ids, self.cfg.model.n_routed_experts)
-        sums = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "aux": 0.0}
-        has_mtp = has_aux = False
-        tokens = 0
-        for input_ids, labels in micro_batches:
+        sums = dict.fromkeys(STEP_SUMS, 0.0)
+        for input_ids, labels in self._mine(micro_batches):
             input_ids, labels = input_ids.to(self.device), labels.to(self.device)
-            with autocast_context(tc.dtype, self.device):
-                out = self.model.loss(input_ids, labels, mtp_lambda=tc.mtp_lambda, hooks=counter)
+            with autocast_context(self.cfg.train.dtype, self.device):
+                out = self.model.loss(input_ids, labels, mtp_lambda=self.cfg.train.mtp_lambda, hooks=counter)
             (out.loss / n).backward()
             sums["loss"] += out.loss.item() / n
             sums["main"] += out.main_loss.item() / n
             if out.mtp_loss is not None:
-                has_mtp = True
-                sums["mtp"] += out.mtp_loss.item() / n
+                sums["mtp"], sums["has_mtp"] = sums["mtp"] + out.mtp_loss.item() / n, 1.0
             if out.aux_loss is not None:
-                has_aux = True
-                sums["aux"] += out.aux_loss.item() / n
-            tokens += out.tokens
+                sums["aux"], sums["has_aux"] = sums["aux"] + out.aux_loss.item() / n, 1.0
+            sums["tokens"] += out.tokens
+        sums, loads = self._reduce(sums, counter.loads())
+        return self._update(sums, loads, t0)
+
+    def _mine(self, micro_batches: list) -> list:
+        """The micro-batches this process runs: all of them."""
+        return micro_batches
+
+    def _reduce(self, sums: dict[str, float], loads: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """The step's gradients, metric sums and loads over every process that ran a share: here, as they are."""
+        return sums, loads
+
+    def _update(self, sums: dict[str, float], loads: torch.Tensor, t0: float) -> StepMetrics:
+        """Clip, the AdamW step and the bias update from the step's sums and loads; the step's metrics."""
+        tc = self.cfg.train
         params = [p for p in self.model.parameters() if p.grad is not None]
         if tc.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True).item()
@@ -180,18 +192,17 @@ class LocalTrainer:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = counter.loads()
         gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)
         biases = apply_bias_update(self.gates, loads, gamma)
         metrics = StepMetrics(
             step=self.step,
             loss=sums["loss"],
             main_loss=sums["main"],
-            mtp_loss=sums["mtp"] if has_mtp else None,
-            aux_loss=sums["aux"] if has_aux else None,
+            mtp_loss=sums["mtp"] if sums["has_mtp"] else None,
+            aux_loss=sums["aux"] if sums["has_aux"] else None,
             lr=lr,
             grad_norm=grad_norm,
-            tokens=tokens,
+            tokens=int(sums["tokens"]),
             seconds=time.perf_counter() - t0,
             loads=loads,
             max_vio=max_violation(loads) if loads.numel() else torch.zeros(0),

@@ -21,7 +21,6 @@ import yaml
 from raymoe.pipelines.serve import DEPLOYMENT_DEFAULTS, ServeArgs, build_app
 
 from .conftest import MODEL, deploy, serve_on_a_free_port
-from .conftest import free_port as _free_port  # noqa: F401  (test_serve_scaling imports these from here)
 from .conftest import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,21 +16,16 @@ import torch
 
 from raymoe.pipelines.serve import RaymoeServer, ServeArgs
 
-from .test_serve import MODEL, _free_port, _wait_for
+from .conftest import MODEL, serve_on_a_free_port
+from .conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def serve_url(ray_local):  # noqa: ANN201
-    from ray import serve
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_on_a_free_port() as url:
+        yield url
 
 
 def _replicas(app: str) -> int:
