@@ -18,10 +18,12 @@ class CacheFullError(RuntimeError):
 
 
 class BlockAllocator:
-    """A free list of ``num_blocks`` cache blocks of ``block_size`` tokens.
+    """``num_blocks`` cache blocks of ``block_size`` tokens, handed out consecutive where they can be.
 
-    Block 0 is never handed out: it is the padding target of gathers, so a padded index never
-    reads another sequence's cache.
+    A request gets the lowest run of consecutive free blocks that holds it (first fit), so its keys
+    are one range of cache slots that attention reads as a view; when no such run is free it gets
+    the lowest free blocks, in order. Block 0 is never handed out: it is the padding target of
+    gathers, so a padded index never reads another sequence's cache.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -31,7 +33,7 @@ class BlockAllocator:
             raise ValueError(f"the cache needs at least 2 blocks (one is padding), got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out 1, 2, 3, ...
+        self._free = list(range(1, num_blocks))  # ascending
 
     @property
     def capacity_blocks(self) -> int:
@@ -53,14 +55,20 @@ class BlockAllocator:
         return self.blocks_for(tokens) <= len(self._free)
 
     def allocate(self, tokens: int) -> list[int]:
-        """Blocks for ``tokens`` tokens; CacheFullError when too few are free."""
+        """Blocks for ``tokens`` tokens (consecutive when a run of them is free); CacheFullError when too few are."""
         n = self.blocks_for(tokens)
-        if n > len(self._free):
-            raise CacheFullError(f"{n} cache blocks needed, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        free = self._free
+        if n > len(free):
+            raise CacheFullError(f"{n} cache blocks needed, {len(free)} free")
+        first = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), None)
+        if first is None:  # fragmented: the lowest free blocks
+            blocks, self._free = free[:n], free[n:]
+        else:
+            blocks, self._free = free[first : first + n], free[:first] + free[first + n :]
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        self._free = sorted(self._free + blocks)
 
 
 class BlockCache:

@@ -81,8 +81,8 @@ class CompiledLocalRunner(LocalRunner):
     def _context(self, positions, slots, key_slots, key_valid, block_table, seq_lens) -> PagedAttention:  # noqa: ANN001
         return PagedAttention(
             kv=self.cache.flat, layer_base=self.cache.layer_base, positions=positions, slots=slots,
-            absorbed_rows=None, key_slots=key_slots, key_valid=key_valid, block_table=block_table,
-            seq_lens=seq_lens, block_size=self.block_size,
+            absorbed_rows=None, absorbed_runs=[], key_slots=key_slots, key_valid=key_valid,
+            block_table=block_table, seq_lens=seq_lens, block_size=self.block_size,
         )  # fmt: skip
 
     def _main_step(self, tokens, positions, slots, key_slots, key_valid, block_table, seq_lens, logit_rows):  # noqa: ANN001, ANN202
@@ -109,7 +109,8 @@ class CompiledLocalRunner(LocalRunner):
         Rows, logit rows and block-table columns are padded to at least 2 (a size of 1 would be
         specialized into a graph of its own), keys to a whole number of cache blocks. A padding row is
         token 0 at position 0 writing and reading slot 0 (the padding block, never read by a real row)."""
-        N, T = batch.num_rows, batch.key_slots.shape[1]
+        batch_keys, batch_valid = batch.padded_keys()  # one graph for every step: static shapes need padding
+        N, T = batch.num_rows, batch_keys.shape[1]
         n = max(N, 2)
         t = max(-(-T // self.block_size) * self.block_size, 2)
         device = batch.tokens.device
@@ -123,10 +124,10 @@ class CompiledLocalRunner(LocalRunner):
         block_table = torch.zeros(n, max(max_blocks, 2), dtype=torch.int32, device=device)
         block_table[:N, :max_blocks] = batch.block_table
         key_slots = torch.zeros(n, t, dtype=torch.long, device=device)
-        key_slots[:N, :T] = batch.key_slots
+        key_slots[:N, :T] = batch_keys
         key_valid = torch.zeros(n, t, dtype=torch.bool, device=device)
         key_valid[:, 0] = True
-        key_valid[:N, :T] = batch.key_valid
+        key_valid[:N, :T] = batch_valid
         inputs = [rows(batch.tokens), rows(batch.positions), rows(batch.slots), key_slots, key_valid,
                   block_table, rows(batch.seq_lens, fill=1)]  # fmt: skip
         if hidden is not None:

@@ -14,7 +14,9 @@ is told by the attention context the caller passes:
   (serving): each row's latent is written into the cache first; short runs (decode tokens, a token
   plus its speculative draft) take the absorbed path, which is the paged MLA decode kernel on
   CUDA; long runs (prefill chunks) take the naive path over their sequence's cached latents,
-  which measures faster from :data:`NAIVE_MIN_RUN` tokens on.
+  which measures faster from :data:`NAIVE_MIN_RUN` tokens on. On the CPU each run attends over
+  its own sequence's keys at its own length, read as a view of the cache when they are
+  consecutive slots: nothing is padded to the longest run and the cache is not gathered.
 
 Shape legend: N rows, H heads, dn/dv/R the nope/value/rope head dims, C kv_lora_rank, T keys.
 """
@@ -118,6 +120,13 @@ class MLA(nn.Module):
         wkv_b = self.kv_b_proj.weight.view(H, dn + self.v_head_dim, self.kv_lora_rank).to(dtype)
         return wkv_b.split([dn, self.v_head_dim], dim=1)
 
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """The key half of ``kv_b_proj`` folded into the query: q_nope [A, H, dn], q_pe [A, H, R] -> [A, H, C + R],
+        one product against a key's [c_kv; k_pe]."""
+        w_uk, _ = self.absorbed_weights(q_nope.dtype)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [A, H, C]
+        return torch.cat((q_lat, q_pe), dim=-1)
+
     def absorbed(
         self,
         q_nope: torch.Tensor,
@@ -128,17 +137,30 @@ class MLA(nn.Module):
         """Each of A query rows over its own keys, through the latent: the paper's absorbed attention.
 
         q_nope [A, H, dn], q_pe [A, H, R], latents [A, T, C + R] (row a's keys: c_kv then k_pe),
-        valid [A, T] bool (which of them row a sees) -> [A, H, dv]."""
+        valid [A, T] bool (which of them row a sees) -> [A, H, dv]. Keys padded to the longest row:
+        the form of a graph compiled to static shapes; :meth:`latent_run` is one run at its own length."""
         dtype = q_nope.dtype
-        w_uk, w_uv = self.absorbed_weights(dtype)
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [A, H, C]
-        q = torch.cat((q_lat, q_pe), dim=-1)  # [A, H, C+R]: one product against [c_kv; k_pe]
+        q = self.absorbed_query(q_nope, q_pe)
         kv = latents.to(dtype)
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # [A, H, T]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(dtype)
         o_lat = torch.bmm(probs, kv[..., : self.kv_lora_rank])  # [A, H, C]
         return self.absorbed_output(o_lat)
+
+    def latent_run(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """One run's r absorbed queries (:meth:`absorbed_query`, at positions start..start+r-1) over its
+        sequence's keys 0..start+r-1, causal within the run: q [r, H, C + R], keys [start + r, C + R]
+        -> the latent output [r, H, C] (apply :meth:`absorbed_output`)."""
+        r, H, W = q.shape
+        T = keys.shape[0]
+        kv = keys.to(q.dtype)
+        scores = (q.reshape(r * H, W) @ kv.T).float().view(r, H, T) * self.softmax_scale  # [r, H, T]
+        if r > 1:  # row i sees keys up to start + i
+            late = torch.arange(T, device=q.device)[None, :] > torch.arange(start, start + r, device=q.device)[:, None]
+            scores = scores.masked_fill(late[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        return (probs.view(r * H, T) @ kv[:, : self.kv_lora_rank]).view(r, H, self.kv_lora_rank)
 
     def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """The value half of ``kv_b_proj`` applied after the softmax: o_lat [A, H, C] -> [A, H, dv]."""
@@ -213,14 +235,19 @@ def naive_flop_crossover(cfg: ModelConfig) -> int:
     return C * (dn + dv) // gain + 1
 
 
+Run = tuple[int, int, int, list[tuple[int, int]]]  # (first row, length, start, key segments (slot, count))
+
+
 @dataclass
 class PagedAttention(Attention):
     """Rows of many sequences over a paged latent cache (the serving engine's step; see the module docstring).
 
     The cache of every layer is ``kv`` [L * slots_per_layer, C + R], layer after layer; a row's latent
-    goes to ``slots[row] + layer_base[layer]``. Rows in ``absorbed_rows`` (all rows when None) take
-    the absorbed path over ``key_slots``/``key_valid``; each run of ``naive_runs`` (first row,
-    length, start position, key slots [start + length]) takes the naive path.
+    goes to ``slots[row] + layer_base[layer]``. A run names its keys 0..start+length-1 by segments,
+    (first slot, count) ranges of consecutive slots of one layer; a run of one segment reads its keys
+    as a view of the cache. Rows in ``absorbed_rows`` (all rows when None) take the absorbed path,
+    run by run of ``absorbed_runs`` (first row counted among the absorbed rows), each at its own
+    length; each run of ``naive_runs`` (first row among all rows) takes the naive path.
 
     Args:
         kv: the cache, written in place (index the base tensor, not a view: a compiled graph would
@@ -228,11 +255,12 @@ class PagedAttention(Attention):
         layer_base: layer id -> its first slot in ``kv``.
         positions, slots: [N] per row.
         absorbed_rows: [A] rows of the absorbed path, or None for all N.
-        key_slots, key_valid: [A, T], the slots of each absorbed row's keys (0 past its end) and
-            which it sees (t <= its position).
-        block_table, seq_lens: [A, max_blocks] int32 and [A] int32, the same for the CUDA kernel.
+        absorbed_runs, naive_runs: the runs of each path (see above).
+        block_table, seq_lens: [A, max_blocks] int32 and [A] int32, each absorbed row's sequence's blocks
+            and its position + 1, for the CUDA kernel.
         block_size: tokens per cache block.
-        naive_runs: (first row, length, start, key slots [start + length]) of each naive run.
+        key_slots, key_valid: [A, T], each absorbed row's keys padded to the longest row (slot 0 past its
+            end) and which it sees: only a graph compiled to static shapes passes them, in place of runs.
     """
 
     kv: torch.Tensor = field(repr=False)
@@ -240,12 +268,13 @@ class PagedAttention(Attention):
     positions: torch.Tensor = field(repr=False)
     slots: torch.Tensor = field(repr=False)
     absorbed_rows: torch.Tensor | None = field(repr=False)
-    key_slots: torch.Tensor = field(repr=False)
-    key_valid: torch.Tensor = field(repr=False)
+    absorbed_runs: list[Run] = field(repr=False)
     block_table: torch.Tensor = field(repr=False)
     seq_lens: torch.Tensor = field(repr=False)
     block_size: int
-    naive_runs: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list, repr=False)
+    naive_runs: list[Run] = field(default_factory=list, repr=False)
+    key_slots: torch.Tensor | None = field(default=None, repr=False)
+    key_valid: torch.Tensor | None = field(default=None, repr=False)
 
     def attend(self, mla, q_nope, q_pe, c_kv, k_pe):  # noqa: ANN001, ANN201
         base = self.layer_base[mla.layer_id]
@@ -258,12 +287,19 @@ class PagedAttention(Attention):
             part = self._absorbed(mla, q_nope.index_select(0, rows), q_pe.index_select(0, rows), base)
             out.index_copy_(0, rows, part.to(out.dtype))
         C = mla.kv_lora_rank
-        for first, length, start, keys in self.naive_runs:
-            latents = self.kv.index_select(0, keys + base).to(q_nope.dtype)  # [T, C + R]
+        for first, length, start, segments in self.naive_runs:
+            latents = self.keys(segments, base).to(q_nope.dtype)  # [start + length, C + R]
             q_n, q_p = q_nope[first : first + length], q_pe[first : first + length]
             run = mla.naive(q_n[None], q_p[None], latents[None, :, :C], latents[None, :, C:], start)
             out[first : first + length] = run[0].to(out.dtype)
         return out
+
+    def keys(self, segments: list[tuple[int, int]], base: int) -> torch.Tensor:
+        """A run's keys [T, C + R] in one layer: a view of the cache when they are one segment."""
+        if len(segments) == 1:
+            slot, count = segments[0]
+            return self.kv[base + slot : base + slot + count]
+        return torch.cat([self.kv[base + slot : base + slot + count] for slot, count in segments])
 
     def _absorbed(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, base: int) -> torch.Tensor:
         if kernels.use_triton(q_nope, self.kv):  # on CUDA: the paged MLA decode kernel, one query per row
@@ -274,4 +310,10 @@ class PagedAttention(Attention):
             o_lat = kernels.mla_decode(q_lat, q_pe.contiguous(), pages, self.block_table, self.seq_lens,
                                        mla.softmax_scale)  # fmt: skip
             return mla.absorbed_output(o_lat)
-        return mla.absorbed(q_nope, q_pe, self.kv[self.key_slots + base], self.key_valid)
+        if self.key_slots is not None:  # a compiled graph: keys padded to the longest row
+            return mla.absorbed(q_nope, q_pe, self.kv[self.key_slots + base], self.key_valid)
+        q = mla.absorbed_query(q_nope, q_pe)  # [A, H, C + R]
+        o_lat = q.new_empty(q.shape[0], mla.n_heads, mla.kv_lora_rank)
+        for first, length, start, segments in self.absorbed_runs:  # each run at its own length
+            o_lat[first : first + length] = mla.latent_run(q[first : first + length], self.keys(segments, base), start)
+        return mla.absorbed_output(o_lat)
