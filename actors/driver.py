@@ -35,6 +35,7 @@ from raymoe.actors.placement import Placement, build_placement
 from raymoe.actors.runtime import GraphError, actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import Stage
+from raymoe.platform.analysis.capture import RoutingRecord, merge_parts
 from raymoe.platform.checkpoint.reader import open_checkpoint
 from raymoe.platform.checkpoint.sharded import save_checkpoint, set_rng_state
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
@@ -111,7 +112,8 @@ class GraphTrainer:
             [layer for layer in self.placement.moe_layers if self.placement.stage_of(layer) == s]
             for s in range(self.pp)
         ]
-        self.mtp_across_stages = self.pp > 1 and cfg.model.num_nextn_predict_layers > 0 and cfg.train.mtp_lambda > 0
+        self.mtp_split = self.pp > 1 and cfg.model.num_nextn_predict_layers > 0  # MTP far from the embedding
+        self.mtp_across_stages = self.mtp_split and cfg.train.mtp_lambda > 0
         self.timings: dict[str, float] = {}
         try:
             self.biases = self._gather_biases()
@@ -250,14 +252,15 @@ class GraphTrainer:
         layers = self.moe_by_stage[stage]
         return {layer: self.biases[self.placement.moe_layers.index(layer)].clone() for layer in layers}
 
-    def _moe_run(self, stage: int, train: bool) -> list[int]:
-        """The MoE layers stage ``stage`` dispatches: the MTP modules' only when training with mtp_lambda > 0."""
+    def _moe_run(self, stage: int, train: bool, record: bool = False) -> list[int]:
+        """The MoE layers stage ``stage`` dispatches: the MTP modules' only when training with mtp_lambda > 0,
+        or when recording the routing."""
         if self.colocated:
             return []  # the colocated stage answers its own experts
-        mtp = train and self.cfg.train.mtp_lambda > 0
+        mtp = record or (train and self.cfg.train.mtp_lambda > 0)
         return [layer for layer in self.moe_by_stage[stage] if mtp or layer < self.cfg.model.num_hidden_layers]
 
-    def _forward(self, groups: list[list[tuple[int, Any]]], batches: Any, train: bool) -> None:
+    def _forward(self, groups: list[list[tuple[int, Any]]], batches: Any, train: bool, record: bool = False) -> None:
         """Submit the forward of every micro-batch: stage by stage, MoE layer by MoE layer, micro-batch by micro-batch.
 
         ``groups`` lists the micro-batches whose dispatch buffers a shard takes in one call:
@@ -271,13 +274,13 @@ class GraphTrainer:
                 for r, key in group:
                     st = self.stages[r][s]
                     batch = batches[r][key] if train else batches[key]
-                    if s == 0 and train and self.mtp_across_stages:
+                    if s == 0 and (self.mtp_across_stages if train else record and self.mtp_split):
                         emb[(r, key)] = rt.call(st, "mtp_embed", key, batch, direct=True)[0]
                     mtp = emb.get((r, key)) if s == self.pp - 1 else None
                     outs[(r, key)] = StageRefs.of(
                         rt.call(st, "begin", key, batch, carry.get((r, key)), mtp, n=ep + 1, direct=True)
                     )
-            for layer in self._moe_run(s, train):
+            for layer in self._moe_run(s, train, record):
                 for group in groups:
                     shard_key = group[0][1]
                     shard_outs = [
@@ -350,6 +353,31 @@ class GraphTrainer:
         tokens = sum(rep["tokens"] for rep in reports)
         loads = self._loads(reports)[: self.cfg.model.num_moe_layers]
         return loss_sum / max(tokens, 1), max_violation(loads) if loads.numel() else torch.zeros(0)
+
+    @torch.no_grad()
+    def record(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[RoutingRecord]:
+        """The routing of every MoE layer (MTP modules included) over each of ``batches``, one record each.
+
+        Every stage records the layers it holds while it routes them; the records come back with the
+        evaluation's results and are joined here (:func:`~raymoe.platform.analysis.capture.merge_parts`)."""
+        refs = {f"record{i}": self.rt.put(TrainInput(*b, train=False, record=True)) for i, b in enumerate(batches)}
+        groups = [[(i % self.dp, f"record{i}")] for i in range(len(batches))]
+        self._forward(groups, refs, train=False, record=True)
+        calls = [self.rt.call(self.stages[r][s], "eval_result")[0] for r in range(self.dp) for s in range(self.pp)]
+        reports = self._get(calls, "recording the routing", long=True)
+        n_layers = self.cfg.model.num_hidden_layers
+        return [merge_parts(*b, n_layers, [rep["records"][f"record{i}"] for rep in reports
+                                           if f"record{i}" in rep["records"]])
+                for i, b in enumerate(batches)]  # fmt: skip
+
+    def set_biases(self, biases: dict[int, torch.Tensor]) -> None:
+        """Give the gates of the layers named new biases (every replica), as the optimizer step would."""
+        for layer, b in biases.items():
+            self.biases[self.placement.moe_layers.index(layer)] = b.to(self.biases)
+        calls = [self.rt.call(self.stages[r][s], "set_biases", {layer: b for layer, b in biases.items()
+                                                                if layer in self.moe_by_stage[s]})[0]
+                 for r in range(self.dp) for s in range(self.pp)]  # fmt: skip
+        self._get(calls, "setting the biases")
 
     # -- checkpoints ----------------------------------------------------------------------------
 

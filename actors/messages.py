@@ -77,6 +77,7 @@ class TrainInput:
     labels: torch.Tensor  # [b, S]
     scale: float = 1.0  # the loss is scaled by it (1 / micro-batches of the step)
     train: bool = True  # False: evaluation (main loss only, no graph kept)
+    record: bool = False  # evaluation that records the routing (MTP modules included), returned by eval_result
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from raymoe.actors.messages import DispatchBuffer, InferInput, StageOutput, TrainInput
 from raymoe.actors.placement import Placement
 from raymoe.actors.runtime import GraphError, Parking, free_port, set_threads, this_node
+from raymoe.platform.analysis.capture import RoutingRecorder
 from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, split_experts, stage_file
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
@@ -93,6 +94,8 @@ class _Flight:
     pending: tuple[ExpertCall, list[torch.Tensor]] | None = None
     mtp_leaf: torch.Tensor | None = None
     next_grad: torch.Tensor | None = None  # gradient of the pending dispatch's combined output
+    recorder: RoutingRecorder | None = None  # an evaluation that records the routing of this stage's layers
+    key: Any = None
 
 
 class _FlightHooks(Hooks):
@@ -104,6 +107,12 @@ class _FlightHooks(Hooks):
     def route(self, layer, idx, weights, scores):  # noqa: ANN001, ANN201
         counter = self.stage.loads if self.fl.train else self.stage.eval_loads
         counter.route(layer, idx, weights, scores)
+        if self.fl.recorder is not None:
+            self.fl.recorder.route(layer, idx, weights, scores)
+
+    def head(self, depth: int, logits: torch.Tensor) -> None:
+        if self.fl.recorder is not None:
+            self.fl.recorder.head(depth, logits)
 
     def aux_loss(self, loss: torch.Tensor) -> None:
         if self.fl.train:
@@ -253,6 +262,7 @@ class Stage(Collective):
         self.eval_loads = LoadCounter(main, E)
         self.eval_loss_sum = 0.0
         self.eval_tokens = 0
+        self.records: dict[Any, tuple] = {}  # key -> the routing a recording evaluation took (this stage's layers)
 
     def _timed(self, fn, *args, autocast: bool = True):  # noqa: ANN001, ANN202
         """Run ``fn`` (under bf16 autocast when training in bf16 and ``autocast``), adding its time to compute_s."""
@@ -289,6 +299,8 @@ class Stage(Collective):
             mtp_leaf = emb.requires_grad_() if (emb is not None and train) else emb
             fl = _Flight(train=train, scale=inputs.scale, segments=[_Segment(leaf=leaf)] if train else [],
                          mtp_leaf=mtp_leaf)  # fmt: skip
+            if inputs.record and not train:
+                fl.recorder, fl.key = RoutingRecorder(self.part), key
             fl.program = self._train_program(fl, inputs, hidden, mtp_leaf)
         self.flights[key] = fl
         return self._timed(self._advance, key, fl, None)
@@ -343,13 +355,18 @@ class Stage(Collective):
         if not self.last:
             if fl.train:
                 fl.segments[-1].out = h
+            if fl.recorder is not None:
+                self.records[fl.key] = fl.recorder.take()
             return StageOutput(hidden=host(h.detach()))
-        lam = self.cfg.train.mtp_lambda if fl.train else 0.0
+        # a recording evaluation runs the MTP modules too (any λ > 0; its loss is not used)
+        lam = self.cfg.train.mtp_lambda if fl.train else 1.0 if fl.recorder is not None else 0.0
         main, mtp = yield from loss_program(self.part, h, labels, ctx, lam, mtp_emb, hooks)
         tokens_n = int((labels != IGNORE_INDEX).sum())
         if not fl.train:
             self.eval_loss_sum += main.item() * tokens_n
             self.eval_tokens += tokens_n
+            if fl.recorder is not None:
+                self.records[fl.key] = fl.recorder.take()
             return StageOutput()
         mtp_mean = sum(m.item() for m in mtp) / len(mtp) if mtp else None
         self.stats.append({"main": main.item(), "tokens": tokens_n, "mtp": mtp_mean})
@@ -383,6 +400,9 @@ class Stage(Collective):
 
     def mtp_embed(self, key: Any, inputs: TrainInput) -> torch.Tensor:
         """First stage, pp > 1: the embeddings of the tokens the MTP modules combine, [depth, b*S, D]."""
+        if not inputs.train:  # a recording evaluation: no graph to keep
+            with torch.no_grad():
+                return host(self._timed(mtp_embeddings, self.part, inputs.labels.to(self.device)))
         with torch.enable_grad():
             out = self._timed(mtp_embeddings, self.part, inputs.labels.to(self.device))
         self.mtp_graphs[key] = out
@@ -473,9 +493,9 @@ class Stage(Collective):
                 for layer, m in self.part.moe_by_layer().items()}  # fmt: skip
 
     def eval_result(self) -> dict:
-        """Loss sum, token count and loads of the evaluation since the last call."""
+        """Loss sum, token count, loads and recorded routing (by key) of the evaluation since the last call."""
         out = {"loss_sum": self.eval_loss_sum, "tokens": self.eval_tokens, "loads": self.eval_loads.loads(),
-               "layers": sorted(self.eval_loads.index)}  # fmt: skip
+               "layers": sorted(self.eval_loads.index), "records": self.records}  # fmt: skip
         self._reset_eval()
         return out
 

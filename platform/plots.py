@@ -25,7 +25,8 @@ HEATMAP_WIDTH_IN = 8.0
 MAX_LABELLED_LAYERS = 32  # above this, the y axis keeps matplotlib's own ticks
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parents created), at FIGURE_DPI, tight; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -62,7 +63,7 @@ def loss_curve(
     ax.grid(True, alpha=0.3)
     if len(steps) or len(val_steps):
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def normalized_loads(loads_LE: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def expert_load_heatmap(loads: np.ndarray, path: str | Path, title: str = "exper
     ax.set_xlabel(f"routed expert (of {n_experts})")
     ax.set_ylabel("MoE layer")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @dataclass

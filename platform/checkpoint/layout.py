@@ -169,18 +169,24 @@ def is_hf_checkpoint(location: str) -> bool:
     )
 
 
+def run_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Every complete training checkpoint of the run under ``root`` (``root/checkpoints/step_*``), as
+    (step, location) by step; empty when there is none."""
+    folder = storage.join(root, CHECKPOINTS_DIR)
+    found = []
+    for name, is_dir in storage.list_dir(folder):
+        m = STEP_DIR_RE.match(name)
+        if m and is_dir and storage.is_file(storage.join(folder, name, STATE_FILE)):
+            found.append((int(m.group(1)), storage.join(folder, name)))
+    return sorted(found)
+
+
 def latest_checkpoint(root: str) -> str | None:
     """The complete training checkpoint with the highest step under ``root/checkpoints`` (or ``root`` itself)."""
     if is_training_checkpoint(root):
         return str(root)
-    best = None
-    folder = storage.join(root, CHECKPOINTS_DIR)
-    for name, is_dir in storage.list_dir(folder):
-        m = STEP_DIR_RE.match(name)
-        if m and is_dir and storage.is_file(storage.join(folder, name, STATE_FILE)):
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), name)
-    return storage.join(folder, best[1]) if best else None
+    found = run_checkpoints(root)
+    return found[-1][1] if found else None
 
 
 def resolve(location: str) -> Resolved:

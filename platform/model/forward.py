@@ -57,6 +57,9 @@ class Hooks:
     def aux_loss(self, loss: torch.Tensor) -> None:
         """A sequence-wise balance loss term, computed now (training with ``seq_aux_alpha > 0``)."""
 
+    def head(self, depth: int, logits: torch.Tensor) -> None:
+        """The logits [N, V] of ``depth`` (0: the main model, k: MTP depth k) in :func:`loss_program`, computed now."""
+
     def loss_term(self, loss: torch.Tensor, weight: float) -> None:
         """A term of the objective (main or an MTP depth), computed now, and its weight in :func:`total_loss`."""
 
@@ -223,7 +226,9 @@ def loss_program(
     hidden state of depth k-1 with the embedding of t_{i+k} = labels[i+k-1] and predicts
     t_{i+k+1} = labels[i+k]. ``mtp_emb`` [depth, B*S, D] are those embeddings when the embedding
     lives elsewhere (the first stage of the actor graph). Returns (main loss, MTP loss per depth)."""
-    main = F.cross_entropy(head(part, h), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    main_logits = head(part, h)
+    hooks.head(0, main_logits)
+    main = F.cross_entropy(main_logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
     hooks.loss_term(main, 1.0)
     losses: list[torch.Tensor] = []
     modules = part.mtp_modules() if mtp_lambda > 0 else []
@@ -232,6 +237,7 @@ def loss_program(
         emb = mtp_emb[k - 1] if mtp_emb is not None else part.model.embed_tokens(mtp_input_tokens(labels, k))
         h_k = yield from mtp_program(module, part, h_prev, emb.reshape(h.shape[0], -1), ctx, hooks)
         logits = head(part, h_k, module.shared_head.norm)
+        hooks.head(k, logits)
         losses.append(F.cross_entropy(logits, mtp_targets(labels, k).reshape(-1), ignore_index=IGNORE_INDEX))
         hooks.loss_term(losses[-1], mtp_lambda / len(modules))
         h_prev = h_k
@@ -287,7 +293,7 @@ def logits(model: DeepseekV3, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Collect(Hooks):
-    """Hooks that keep the balance losses (and pass the routing on to the caller's hooks)."""
+    """Hooks that keep the balance losses (and pass the routing and the logits on to the caller's hooks)."""
 
     def __init__(self, inner: Hooks | None) -> None:
         self.inner = inner or NO_HOOKS
@@ -295,6 +301,9 @@ class _Collect(Hooks):
 
     def route(self, layer, idx, weights, scores):  # noqa: ANN001, ANN201
         self.inner.route(layer, idx, weights, scores)
+
+    def head(self, depth: int, logits: torch.Tensor) -> None:
+        self.inner.head(depth, logits)
 
     def aux_loss(self, loss: torch.Tensor) -> None:
         self.aux.append(loss)

@@ -62,7 +62,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
 
     A group's score is the sum of its two highest biased affinities. scores [N, E] -> ids [N, K].
     """
-    biased = scores + bias  # [N, E]
+    biased = biased_scores(scores, bias)  # [N, E]
     N, E = biased.shape
     if n_group > 1 and topk_group < n_group:
         grouped = biased.view(N, n_group, E // n_group)
@@ -71,6 +71,11 @@ def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
     return biased.topk(top_k, dim=-1).indices
+
+
+def biased_scores(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What the choice ranks: affinities [N, E] plus the balancing bias [E] (the weights use the unbiased ones)."""
+    return scores + bias
 
 
 class Experts(nn.Module):

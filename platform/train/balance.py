@@ -18,7 +18,8 @@ class LoadCounter(Hooks):
 
     ``loads()`` is [len(layers), E] float32 (exact past 256, unlike bf16) in the order of ``layers``
     (main layers, then MTP modules: :class:`~raymoe.platform.model.transformer.DeepseekV3`'s
-    ``moe_by_layer`` order); ``reset()`` starts again. Routing of other layers is ignored."""
+    ``moe_by_layer`` order); ``reset()`` starts again. Routing of other layers is ignored. ``inner``
+    hooks (e.g. a :class:`~raymoe.platform.analysis.capture.RoutingRecorder`) see the routing and logits too."""
 
     def __init__(self, layers: list[int], n_experts: int, inner: Hooks | None = None) -> None:
         self.index = {layer: i for i, layer in enumerate(layers)}
@@ -31,6 +32,10 @@ class LoadCounter(Hooks):
             self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.counts.shape[1]).to(self.counts).cpu()
         if self.inner is not None:
             self.inner.route(layer, idx, weights, scores)
+
+    def head(self, depth: int, logits: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.head(depth, logits)
 
     def loads(self) -> torch.Tensor:
         return self.counts.clone()
