@@ -61,7 +61,7 @@ def html_report(report: dict, figures: dict[str, Path]) -> str:
              f"runner {html.escape(str(report['runner']))}, {report['seconds']:.1f} s.</p>"]  # fmt: skip
     parts.append("<h2>Domains</h2>" + _table(
         ["domain", "source", "tokens", "loss"],
-        [[d, info["source"], info["tokens"], report.get("ablation", {}).get("plain", {}).get(d, "")]
+        [[d, info["source"], info["tokens"], (report.get("ablation") or {}).get("plain", {}).get(d, "")]
          for d, info in report["domains"].items()]))  # fmt: skip
     header = ["layer", "MaxVio", "entropy (nats)", "effective experts"] + [f"eff. {d}" for d in domains]
     rows = [[e["name"], e["maxvio"], e["entropy"], e["effective_experts"],
