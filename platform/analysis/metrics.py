@@ -111,10 +111,11 @@ def vocab_summary(
         return 0.0, {}
     vocab, counts, spec = vocab[keep], counts[keep], spec_TE[keep]
     mean_max = float(spec.max(dim=1).values.mean())
+    by_count = torch.sort(-counts, stable=True).indices  # ties keep the vocabulary's ascending order
     out: dict[int, list[tuple[int, float, int]]] = {}
     for e in range(spec.shape[1]):
-        order = sorted(range(vocab.numel()), key=lambda t: (-float(spec[t, e]), -int(counts[t]), int(vocab[t])))
-        out[e] = [(int(vocab[t]), float(spec[t, e]), int(counts[t])) for t in order[:top] if spec[t, e] > 0]
+        order = by_count[torch.sort(-spec[by_count, e], stable=True).indices[:top]]  # specialization, then count
+        out[e] = [(int(vocab[t]), float(spec[t, e]), int(counts[t])) for t in order.tolist() if spec[t, e] > 0]
     return mean_max, out
 
 
