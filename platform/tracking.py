@@ -11,6 +11,9 @@ Where the data goes: ``TrackingConfig.uri``, else ``MLFLOW_TRACKING_URI``, else 
 the database file (``mlruns/<experiment>/<run id>/artifacts``), never into whatever directory
 the process runs in; the file store is not used (MLflow 3.17 refuses it by default).
 
+Experiments it creates or reuses carry the tag ``mlflow.experimentKind=custom_model_development``
+(:data:`EXPERIMENT_KIND_TAG`), so that MLflow 3's UI treats them as model training, not GenAI.
+
 Failure handling: every MLflow call goes through :meth:`Tracker._guarded`. A failure is logged
 once as a warning, the metric points are kept in a bounded buffer (the oldest are dropped
 beyond ``max_buffered_points``) and sent again on a later call, at most once per retry
@@ -71,6 +74,14 @@ REJECTION_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE
 PLOTS_ARTIFACT_DIR = "plots"
 CHECKPOINT_ARTIFACT_FILE = "checkpoint.txt"
 CHECKPOINT_TAG = "checkpoint"
+# The experiment tag MLflow 3's UI reads for an experiment's kind; "custom_model_development" is its
+# "Machine learning" (model training) kind, "genai_development" its GenAI one (mlflow/server/js: the
+# ExperimentKind enum). The other model-training kinds a user may have chosen are left as they are.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+TRAINING_KINDS = frozenset(
+    {EXPERIMENT_KIND_TRAINING, "finetuning", "forecasting", "classification", "regression", "automl"}
+)
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PERPLEXITY_LOSS = 700.0  # exp() of more overflows a float64
 
@@ -465,6 +476,8 @@ class Tracker:
                 return False
             if state == "ok":
                 self._guarded("resume run", lambda c: c.update_run(self._resume_id, status="RUNNING"), force)
+                mark = lambda c: self._mark_training(c, c.get_experiment(result.info.experiment_id))  # noqa: E731
+                self._guarded("tag experiment", mark, force)
                 self._drop_known_params(result.data.params)
                 self._run_id = self.summary.run_id = self._resume_id
                 self._resumed = True
@@ -484,16 +497,33 @@ class Tracker:
         if experiment is None:
             try:
                 experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=default_artifact_location(self.uri, self.experiment)
+                    self.experiment,
+                    artifact_location=default_artifact_location(self.uri, self.experiment),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING},
                 )
             except MlflowException as exc:  # another process created it meanwhile
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
-        else:
+                experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
             experiment_id = experiment.experiment_id
+            self._mark_training(client, experiment)
         run = client.create_run(experiment_id, run_name=self.run_name, tags=self._create_tags or None)
         return run.info.run_id
+
+    def _mark_training(self, client: Any, experiment: Any) -> None:
+        """Tag an existing experiment as model training unless it already has a training kind.
+
+        An experiment created before this tag was set (or by another tool) would open in the
+        GenAI view; a refusal only costs the view, never the run."""
+        from mlflow.exceptions import MlflowException
+
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) in TRAINING_KINDS:
+            return
+        try:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
+        except MlflowException as exc:
+            logger.warning("could not mark MLflow experiment %r as model training: %s", self.experiment, _short(exc))
 
     def _drop_known_params(self, known: Mapping[str, str]) -> None:
         """A resumed run keeps its params; MLflow refuses changed values, so those are only reported."""

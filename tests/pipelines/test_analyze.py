@@ -44,7 +44,9 @@ def test_analyze_experts_writes_its_report_and_an_mlflow_run(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("raymoe-analysis").experiment_id])
+    experiment = client.get_experiment_by_name("raymoe-analysis")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's training view
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["checkpoint"].endswith("step_00000002") and "maxvio/layer_1" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"experts.json", "report.html", "figures"} <= artifacts

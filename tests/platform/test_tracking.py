@@ -18,7 +18,13 @@ from mlflow import MlflowClient
 from raymoe.pipelines import ui
 from raymoe.platform.config import TrackingConfig, config_to_dict, flatten, load_config
 from raymoe.platform.plots import RunHistory, normalized_loads
-from raymoe.platform.tracking import HEATMAP_FILE, LOSS_CURVE_FILE, Tracker
+from raymoe.platform.tracking import (
+    EXPERIMENT_KIND_TAG,
+    EXPERIMENT_KIND_TRAINING,
+    HEATMAP_FILE,
+    LOSS_CURVE_FILE,
+    Tracker,
+)
 from raymoe.platform.train.trainer import StepMetrics
 
 N_LAYERS, N_EXPERTS = 2, 8
@@ -149,6 +155,36 @@ def test_two_trackers_and_a_resumed_run(store: Path, in_empty_dir: Path) -> None
     assert resumed.run_id == a.run_id and summary.warning is None
     assert sorted(m.step for m in client.get_metric_history(a.run_id, "x")) == [0, 1, 2, 3]
     assert client.get_run(a.run_id).data.params["train.steps"] == "3"
+
+
+def test_experiments_are_marked_as_model_training(store: Path, in_empty_dir: Path) -> None:
+    """New, reused and resumed-into experiments carry the kind that opens MLflow 3's training view."""
+    uri = sqlite_uri(store)
+    client = MlflowClient(uri)
+
+    def kind(name: str) -> str | None:
+        return client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+
+    def one_run(name: str, run_id: str | None = None) -> str:
+        tracker = Tracker(TrackingConfig(uri=uri, experiment=name), run_id=run_id)
+        tracker.log_metrics({"x": 1.0}, 0)
+        tracker.finish()
+        return tracker.run_id
+
+    one_run("kind-new")
+    assert kind("kind-new") == EXPERIMENT_KIND_TRAINING
+    client.create_experiment("kind-untagged")  # made before the tag existed, or by another tool
+    client.create_experiment("kind-genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    client.create_experiment("kind-finetuning", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    for name in ("kind-untagged", "kind-genai", "kind-finetuning"):
+        one_run(name)
+    assert kind("kind-untagged") == kind("kind-genai") == EXPERIMENT_KIND_TRAINING
+    assert kind("kind-finetuning") == "finetuning"  # a model-training kind a user chose is kept
+
+    run_id = one_run("kind-resumed")
+    client.delete_experiment_tag(client.get_experiment_by_name("kind-resumed").experiment_id, EXPERIMENT_KIND_TAG)
+    assert one_run("kind-resumed", run_id=run_id) == run_id
+    assert kind("kind-resumed") == EXPERIMENT_KIND_TRAINING
 
 
 @pytest.mark.parametrize("via", ["config", "env", "silent"])
