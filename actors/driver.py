@@ -231,6 +231,7 @@ class GraphTrainer:
             max_vio=max_violation(loads) if loads.numel() else torch.zeros(0),
             bias_min=float(self.biases.min()) if self.biases.numel() else 0.0,
             bias_max=float(self.biases.max()) if self.biases.numel() else 0.0, extra=dict(self.timings),
+            biases=self.biases.clone(),
         )  # fmt: skip
         self.step += 1
         return metrics

@@ -153,6 +153,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "raymoe"
     enabled: bool = True
+    registered_model: str = "raymoe"  # Model Registry name of each run's final checkpoint; "" registers none
 
 
 @dataclass(kw_only=True)

@@ -2,8 +2,10 @@
 
 :class:`Tracker` logs the resolved config as params, per-step metrics (loss, MTP loss, tokens/s,
 learning rate, gradient norm, per-layer MaxVio, bias range), validation metrics, and at the end
-two plots (loss curve, expert-load heatmap) and the final checkpoint's location. It talks to
-MLflow through an explicit :class:`mlflow.MlflowClient` and a run id, never the fluent
+three plots (the main training loss against the validation loss with the training objective
+apart, the expert load of the first and last steps, load and bias per expert over time) and the
+final checkpoint's location, which a finished run registers as a Model Registry version. It
+talks to MLflow through an explicit :class:`mlflow.MlflowClient` and a run id, never the fluent
 active-run state, so two trackers coexist in one process.
 
 Where the data goes: ``TrackingConfig.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from raymoe.platform.config import TrackingConfig, config_to_dict, flatten
-from raymoe.platform.plots import HEATMAP_FILE, LOSS_CURVE_FILE, RunHistory
+from raymoe.platform.plots import HEATMAP_FILE, LOSS_CURVE_FILE, TIMELINE_FILE, RunHistory
 
 if TYPE_CHECKING:
     from raymoe.platform.train.trainer import StepMetrics
@@ -82,6 +84,8 @@ EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TRAINING_KINDS = frozenset(
     {EXPERIMENT_KIND_TRAINING, "finetuning", "forecasting", "classification", "regression", "automl"}
 )
+MODEL_VERSION_TAG = "registered_model_version"  # run tag: models:/NAME/VERSION of its final checkpoint
+MODEL_URI_PREFIX = "models:/"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PERPLEXITY_LOSS = 700.0  # exp() of more overflows a float64
 
@@ -149,6 +153,51 @@ def params_from_config(config: Any) -> dict[str, str]:
     return out
 
 
+def is_model_uri(location: str) -> bool:
+    """Whether ``location`` names a Model Registry version: ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+    return str(location).startswith(MODEL_URI_PREFIX)
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """The checkpoint location a Model Registry version was registered with (its source).
+
+    Args:
+        uri: ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``models:/NAME@ALIAS``.
+        tracking_uri: the store (default as :func:`resolve_tracking_uri`: ``$MLFLOW_TRACKING_URI``
+            or ``mlruns.db`` in the working directory).
+
+    Raises:
+        ValueError: a malformed URI, or a name, version or alias the registry does not know
+            (the message names the URI and the store).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    store = resolve_tracking_uri(tracking_uri)
+    rest = uri[len(MODEL_URI_PREFIX) :] if is_model_uri(uri) else ""
+    name, at, ref = rest.partition("@")
+    if not at:
+        name, _, ref = rest.partition("/")
+    if not name or not ref or "/" in name or "/" in ref:
+        raise ValueError(
+            f"{uri!r} is not a model URI: use models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS"
+        )
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        if at:
+            found = client.get_model_version_by_alias(name, ref)
+        elif ref == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{uri}: model {name!r} has no versions in the registry at {store}")
+            found = max(versions, key=lambda v: int(v.version))
+        else:
+            found = client.get_model_version(name, ref)
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: not in the Model Registry at {store} ({_short(exc)})") from None
+    return str(found.source)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     """A float64 array of a tensor (any device or dtype), an array, a list or a number."""
     if hasattr(x, "detach"):
@@ -174,6 +223,7 @@ class TrackingSummary:
     sent_points: int = 0
     dropped_points: int = 0  # metric points never sent (buffer overflow, store down at the end)
     degraded: bool = False  # the store failed at least once
+    model_version: str | None = None  # models:/NAME/VERSION of the registered final checkpoint
     lost: list[str] = dataclasses.field(default_factory=list)  # params, tags, artifacts not sent
 
     @property
@@ -199,6 +249,8 @@ class Tracker:
         tags: tags set on the run when it is created.
         run_id: continue this run (a resumed training) instead of creating one; when the store
             does not know it, a new run is created with a warning.
+        register_as: a Model Registry name: :meth:`finish` of a FINISHED run registers its
+            checkpoint as a new version of it (None or "": nothing is registered).
         retry_interval_s: first wait before a failing store is tried again.
         max_buffered_points: metric points kept while the store is unreachable.
         http_timeout_s: per-request timeout towards a tracking server.
@@ -212,6 +264,7 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         *,
+        register_as: str | None = None,
         retry_interval_s: float = RETRY_INTERVAL_S,
         max_buffered_points: int = MAX_BUFFERED_POINTS,
         http_timeout_s: float = HTTP_TIMEOUT_S,
@@ -221,6 +274,7 @@ class Tracker:
         self.experiment = experiment or cfg.experiment
         self.run_name = run_name
         self._create_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.register_as = register_as or None
         self._resume_id = run_id
         self._resumed = False  # whether the run existed before this process
         self._retry_interval_s = self._base_retry_s = retry_interval_s
@@ -292,7 +346,8 @@ class Tracker:
             values["maxvio/mean"] = float(max_vio_L.mean())
         # the actor graph's per-actor compute/wait seconds and per-shard token counts
         values.update({k: float(v) for k, v in metrics.extra.items() if isinstance(v, (int, float))})
-        self.history.add_step(metrics.step, metrics.loss, _to_numpy(metrics.loads))
+        biases = None if metrics.biases is None else _to_numpy(metrics.biases)
+        self.history.add_step(metrics.step, metrics.loss, _to_numpy(metrics.loads), metrics.main_loss, biases)
         self.log_metrics(values, metrics.step)
 
     def log_eval(self, step: int, val_loss: float, maxvio_global: Any) -> None:
@@ -376,17 +431,49 @@ class Tracker:
             if checkpoint:
                 self.log_text(f"{checkpoint}\n", CHECKPOINT_ARTIFACT_FILE)
             self._log_plots()
+            if checkpoint and self.register_as and status == "FINISHED":
+                self._register(str(checkpoint))
             self._flush(force=False)  # a tag an artifact call may have left behind
             state, _ = self._guarded("end run", lambda c: c.set_terminated(self._run_id, status=status))
             if state != "ok":
                 self.summary.lost.append(f"run status {status}")
         else:  # the store is down: one attempt was made, no more
-            self.summary.lost += [LOSS_CURVE_FILE, HEATMAP_FILE] if self.history.steps else []
+            self.summary.lost += [LOSS_CURVE_FILE, HEATMAP_FILE, TIMELINE_FILE] if self.history.steps else []
             self.summary.lost += [CHECKPOINT_ARTIFACT_FILE] if checkpoint else []
+            if checkpoint and self.register_as and status == "FINISHED":
+                self.summary.lost.append(f"model version of {self.register_as}")
         self._give_up_pending()
         if self.summary.warning:
             logger.warning("%s", self.summary.warning)
         return self.summary
+
+    # ------------------------------------------------------------------ the Model Registry
+
+    def _register(self, checkpoint: str) -> None:
+        """Register ``checkpoint`` as a new version of ``register_as``, its source the checkpoint's location."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.register_as
+        if "://" not in checkpoint:  # a relative path would resolve against whoever reads the version
+            checkpoint = os.path.abspath(checkpoint)
+
+        def register(client: Any) -> Any:
+            try:
+                client.create_registered_model(name, description="raymoe training checkpoints")
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            return client.create_model_version(name, source=checkpoint, run_id=self._run_id)
+
+        state, result = self._guarded(f"register model {name}", register)
+        if state != "ok":
+            if state == "rejected":
+                logger.warning("MLflow refused to register %s as model %r: %s", checkpoint, name, _short(result))
+            self.summary.lost.append(f"model version of {name}")
+            return
+        self.summary.model_version = f"{MODEL_URI_PREFIX}{name}/{result.version}"
+        self._pending_tags[MODEL_VERSION_TAG] = self.summary.model_version
+        logger.info("registered %s as %s", checkpoint, self.summary.model_version)
 
     # ------------------------------------------------------------------ plots and loads
 
@@ -401,7 +488,9 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="raymoe-plots-") as tmp:
             files = []
             try:
-                files = self.history.write(tmp, self._earlier("loss"), self._earlier("val/loss"))
+                files = self.history.write(
+                    tmp, self._earlier("loss"), self._earlier("val/loss"), self._earlier("main_loss")
+                )
             except Exception as exc:  # a plot must never fail the run
                 logger.warning("could not draw the training plots: %s", exc)
             for file in files:

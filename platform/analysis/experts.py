@@ -21,6 +21,7 @@ from raymoe.platform.analysis import metrics as m
 from raymoe.platform.analysis.capture import RoutingRecord, RoutingRecorder
 from raymoe.platform.model import forward
 from raymoe.platform.model.transformer import DeepseekV3
+from raymoe.platform.plots import layer_name
 from raymoe.platform.train.trainer import autocast_context
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,6 @@ class LocalSource:
 
 
 # --------------------------------------------------------------------------- routing metrics
-
-
-def layer_name(layer: int, num_hidden_layers: int) -> str:
-    """``layer 3`` for a main layer, ``MTP 1`` for MTP depth 1 (layer ``num_hidden_layers``)."""
-    return f"layer {layer}" if layer < num_hidden_layers else f"MTP {layer - num_hidden_layers + 1}"
 
 
 @dataclass

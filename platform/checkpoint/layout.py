@@ -13,7 +13,9 @@ Two layouts exist:
 - **Hugging Face / DeepSeek-V3 checkpoints** (import and :func:`~raymoe.platform.checkpoint.hf_save`
   export): ``config.json``, ``model.safetensors[.index.json]``, the tokenizer.
 
-A *location* is a local path or a pyarrow URI; :func:`resolve` says which checkpoint it means.
+A *location* is a local path, a pyarrow URI, or a Model Registry version (``models:/NAME/VERSION``,
+``models:/NAME@ALIAS``: the checkpoint it was registered with); :func:`resolve` says which
+checkpoint it means.
 """
 
 from __future__ import annotations
@@ -189,10 +191,40 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def resolve(location: str) -> Resolved:
-    """The checkpoint ``location`` means: itself (a training or Hugging Face checkpoint), or a training
-    output's latest complete checkpoint. CheckpointError naming what was looked for otherwise."""
+MODEL_URI_PREFIX = "models:/"  # a Model Registry version (raymoe.platform.tracking.resolve_model_uri)
+
+
+def model_uri_in(location: str) -> str | None:
+    """The ``models:/…`` URI ``location`` is, or None.
+
+    Also recovers one that a caller made absolute as if it were a path (``/cwd/models:/raymoe/3``,
+    as ``os.path.abspath`` does) when no such path exists."""
     location = str(location)
+    if location.startswith(MODEL_URI_PREFIX):
+        return location
+    i = location.find("/" + MODEL_URI_PREFIX)
+    if i >= 0 and "://" not in location and not storage.exists(location):
+        return location[i + 1 :]
+    return None
+
+
+def resolve(location: str) -> Resolved:
+    """The checkpoint ``location`` means: itself (a training or Hugging Face checkpoint), a training
+    output's latest complete checkpoint, or the one a Model Registry version (``models:/NAME/VERSION``)
+    was registered with, found in ``$MLFLOW_TRACKING_URI`` (or ``mlruns.db`` here). CheckpointError
+    naming what was looked for otherwise."""
+    location = str(location)
+    model_uri = model_uri_in(location)
+    if model_uri is not None:
+        from raymoe.platform.tracking import resolve_model_uri
+
+        try:
+            source = resolve_model_uri(model_uri)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        if model_uri_in(source) is not None:
+            raise CheckpointError(f"{model_uri} was registered with {source}, another model URI, not a checkpoint")
+        return resolve(source)
     if is_training_checkpoint(location):
         return Resolved(location, "training")
     if is_hf_checkpoint(location):

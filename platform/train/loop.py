@@ -133,6 +133,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from raymoe.platform.plots import moe_layer_names
     from raymoe.platform.tracking import Tracker
 
     tc = cfg.train
@@ -149,7 +150,11 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
             logger.info("resumed from %s at step %d", ckpt, trainer.step)
     if record is not None:
         record.truncate(trainer.step)  # steps after the checkpoint are done again
-    tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id)
+    tracker = Tracker(cfg.tracking, run_name=run_name, experiment=experiment, run_id=run_id,
+                      register_as=cfg.tracking.registered_model)  # fmt: skip
+    m_cfg = cfg.model
+    tracker.history.layer_names = moe_layer_names(m_cfg.num_hidden_layers, m_cfg.first_k_dense_replace,
+                                                  m_cfg.num_nextn_predict_layers)  # fmt: skip
     tracker.start(flatten(config_to_dict(cfg)) | {"data.path": data_dir} | trainer.describe())
     tokenizer = storage.join(data_dir, TOKENIZER_FILE)
     extra = [tokenizer] if storage.is_file(tokenizer) else []

@@ -54,6 +54,7 @@ class StepMetrics:
     bias_min: float
     bias_max: float
     extra: dict = field(default_factory=dict)
+    biases: torch.Tensor | None = None  # [n_moe_layers, E] the gate biases after this step's update
 
     @property
     def tokens_per_s(self) -> float:
@@ -208,6 +209,7 @@ class LocalTrainer:
             max_vio=max_violation(loads) if loads.numel() else torch.zeros(0),
             bias_min=float(biases.min()) if biases.numel() else 0.0,
             bias_max=float(biases.max()) if biases.numel() else 0.0,
+            biases=biases,
         )
         self.step += 1
         return metrics

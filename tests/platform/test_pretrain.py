@@ -111,9 +111,12 @@ def test_run_contents_in_mlflow(tiny_data: Path, tmp_path: Path) -> None:
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(result.run_id, "loss")) == 6
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    assert artifacts == {"plots/loss_curve.png", "plots/expert_load_heatmap.png"}
+    assert artifacts == {"plots/loss_curve.png", "plots/expert_load_heatmap.png", "plots/expert_load_over_time.png"}
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(result.run_id)}
     assert run.data.tags["checkpoint"] == result.checkpoint
+    assert run.data.tags["registered_model_version"] == "models:/raymoe/1"  # the Model Registry has it
+    (version,) = client.search_model_versions("name = 'raymoe'")
+    assert version.source == result.checkpoint and version.run_id == result.run_id
 
 
 def test_a_half_written_checkpoint_is_ignored(tiny_data: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from raymoe.pipelines import ui
+from raymoe.platform.checkpoint.layout import SHARDS_FILE, STATE_FILE, CheckpointError, resolve
 from raymoe.platform.config import TrackingConfig, config_to_dict, flatten, load_config
 from raymoe.platform.plots import RunHistory, normalized_loads
 from raymoe.platform.tracking import (
@@ -23,6 +24,7 @@ from raymoe.platform.tracking import (
     EXPERIMENT_KIND_TRAINING,
     HEATMAP_FILE,
     LOSS_CURVE_FILE,
+    TIMELINE_FILE,
     Tracker,
 )
 from raymoe.platform.train.trainer import StepMetrics
@@ -42,6 +44,7 @@ def fake_step(step: int, mtp_loss: float | None = 1.5) -> StepMetrics:
         step=step, loss=5.0 - 0.1 * step, main_loss=4.0 - 0.1 * step, mtp_loss=mtp_loss, aux_loss=None,
         lr=1e-3, grad_norm=0.5 + step, tokens=512, seconds=0.25, loads=loads,
         max_vio=(loads.max(dim=1).values - mean) / mean, bias_min=-0.01 * step, bias_max=0.01 * step,
+        biases=torch.linspace(-0.01 * step, 0.01 * step, N_LAYERS * N_EXPERTS).reshape(N_LAYERS, N_EXPERTS),
     )  # fmt: skip
 
 
@@ -92,6 +95,9 @@ def test_run_contents_read_back(store: Path, in_empty_dir: Path) -> None:
         tracker.log_step(fake_step(step, mtp_loss=None if step == 2 else 1.5))
     tracker.log_eval(3, 3.0, torch.tensor([0.5, 1.0]))
     tracker.log_eval(6, 2.0, torch.tensor([0.2, 0.4]))
+    assert tracker.history.main_losses[4] == pytest.approx(3.6) and tracker.history.losses[4] == pytest.approx(4.6)
+    _, _, biases_TLE = tracker.history.timeline.arrays()  # the over-time plot gets each step's biases
+    assert biases_TLE.shape == (n_steps, N_LAYERS, N_EXPERTS) and biases_TLE[5, -1, -1] == pytest.approx(0.05)
     summary = tracker.finish(checkpoint="/ckpt/step_000006")
 
     client = MlflowClient(sqlite_uri(store))
@@ -119,9 +125,9 @@ def test_run_contents_read_back(store: Path, in_empty_dir: Path) -> None:
     assert metrics["val/maxvio_global"] == pytest.approx(0.3)
 
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {f"plots/{LOSS_CURVE_FILE}", f"plots/{HEATMAP_FILE}"}
+    assert plots == {f"plots/{LOSS_CURVE_FILE}", f"plots/{HEATMAP_FILE}", f"plots/{TIMELINE_FILE}"}
     local = Path(client.download_artifacts(run.info.run_id, "", str(in_empty_dir.parent / "dl")))
-    for name in (LOSS_CURVE_FILE, HEATMAP_FILE):
+    for name in (LOSS_CURVE_FILE, HEATMAP_FILE, TIMELINE_FILE):
         assert (local / "plots" / name).read_bytes()[:8] == PNG_MAGIC
     assert (local / "checkpoint.txt").read_text().strip() == "/ckpt/step_000006"
     assert run.info.artifact_uri.startswith(store.as_uri())  # beside the database, not in the cwd
@@ -185,6 +191,44 @@ def test_experiments_are_marked_as_model_training(store: Path, in_empty_dir: Pat
     client.delete_experiment_tag(client.get_experiment_by_name("kind-resumed").experiment_id, EXPERIMENT_KIND_TAG)
     assert one_run("kind-resumed", run_id=run_id) == run_id
     assert kind("kind-resumed") == EXPERIMENT_KIND_TRAINING
+
+
+def test_final_checkpoint_is_a_model_version_that_resolves(
+    store: Path, in_empty_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = sqlite_uri(store)
+    checkpoints = []
+    for step in (6, 8):
+        ckpt = in_empty_dir.parent / "out" / "checkpoints" / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / STATE_FILE).write_text("{}")
+        (ckpt / SHARDS_FILE).write_text("{}")
+        checkpoints.append(str(ckpt))
+
+    def one_run(checkpoint: str, status: str = "FINISHED") -> Tracker:
+        tracker = Tracker(TrackingConfig(uri=uri, experiment="registry"), register_as="tiny-model")
+        tracker.log_metrics({"x": 1.0}, 0)
+        tracker.finish(status=status, checkpoint=checkpoint)
+        return tracker
+
+    first = one_run(checkpoints[0])
+    assert first.summary.model_version == "models:/tiny-model/1" and first.summary.lost == []
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).data.tags["registered_model_version"] == "models:/tiny-model/1"
+    assert one_run(checkpoints[1], status="FAILED").summary.model_version is None  # a failed run is not a model
+    assert one_run(checkpoints[1]).summary.model_version == "models:/tiny-model/2"
+    assert client.get_model_version("tiny-model", "1").run_id == first.run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where serve and resolve look
+    client.set_registered_model_alias("tiny-model", "prod", "1")
+    assert resolve("models:/tiny-model/1").location == checkpoints[0]
+    assert resolve("models:/tiny-model/latest").location == checkpoints[1]
+    assert resolve("models:/tiny-model@prod").location == checkpoints[0]
+    assert resolve(str(in_empty_dir / "models:/tiny-model/2")).location == checkpoints[1]  # made absolute by a caller
+    with pytest.raises(CheckpointError, match="models:/tiny-model/9: not in the Model Registry"):
+        resolve("models:/tiny-model/9")
+    with pytest.raises(CheckpointError, match="is not a model URI"):
+        resolve("models:/tiny-model")
 
 
 @pytest.mark.parametrize("via", ["config", "env", "silent"])
@@ -293,7 +337,7 @@ def test_run_history_plots(tmp_path: Path) -> None:
     history.add_eval(4, float("nan"))
     assert history.val_steps == [] and history.load_sum_LE[0, 0] == 60.0
     files = history.write(tmp_path, earlier_losses=[(0, 3.0), (3, 9.9)])  # a resumed run's earlier points
-    assert sorted(f.name for f in files) == sorted([LOSS_CURVE_FILE, HEATMAP_FILE])
+    assert sorted(f.name for f in files) == sorted([LOSS_CURVE_FILE, HEATMAP_FILE, TIMELINE_FILE])
     assert all(f.read_bytes()[:8] == PNG_MAGIC for f in files)
 
 
