@@ -263,12 +263,17 @@ def test_a_local_trainer_checkpoint_loads_into_the_graph(tmp_path: Path) -> None
     """The other direction: the local trainer's one-part checkpoint, re-sharded over pp=2, ep=3."""
     data = _batches(6, seed=1)
     straight = LocalTrainer(_cfg())
-    losses = [straight.train_step(micro_batches(x, y, 2)).loss for x, y in data]
+    straight_steps = [straight.train_step(micro_batches(x, y, 2)) for x, y in data]
+    losses = [m.loss for m in straight_steps]
     first = LocalTrainer(_cfg())
     for x, y in data[:3]:
         first.train_step(micro_batches(x, y, 2))
     ckpt = first.save_checkpoint(str(tmp_path), {"loader": {}}, [])
     graph = GraphTrainer(_cfg(1, 2, 3), in_process=True)  # the same schedule and loading code, without Ray
     graph.load_checkpoint(str(ckpt))
-    again = [graph.train_step(micro_batches(x, y, 2)).loss for x, y in data[3:]]
+    again_steps = [graph.train_step(micro_batches(x, y, 2)) for x, y in data[3:]]
+    again = [m.loss for m in again_steps]
     assert all(_close(a, b) for a, b in zip(again, losses[3:])), (again, losses[3:])
+    # each step's metrics carry the biases after its update (the over-time plot), a copy on the graph
+    assert torch.equal(straight_steps[-1].biases, straight.biases())
+    assert torch.equal(again_steps[-1].biases, graph.biases) and again_steps[-1].biases is not graph.biases
