@@ -31,6 +31,7 @@ HEATMAP_HEIGHT_PER_LAYER_IN = 0.35
 HEATMAP_MIN_HEIGHT_IN = 2.5
 HEATMAP_MAX_HEIGHT_IN = 12.0
 HEATMAP_WIDTH_IN = 8.0
+HEATMAP_PANEL_WSPACE = 0.35  # room between side-by-side panels for the next panel's MaxVio labels
 MAX_LABELLED_LAYERS = 32  # above this, the y axis keeps matplotlib's own ticks
 LOAD_WINDOW_STEPS = 20  # the first and last window of the heatmap: up to this many steps each
 MAX_TIME_BINS = 256  # the over-time plot keeps at most this many columns (adjacent steps merged)
@@ -113,13 +114,15 @@ def _row_labels(n_layers: int, layer_names: Sequence[str] | None) -> list[str]:
 
 
 def _draw_load_panel(ax: Axes, rel_LE: np.ndarray, labels: list[str], title: str, vmax: float) -> AxesImage:
-    """One layers × experts panel of relative load, its rows labelled with their name and MaxVio."""
+    """One layers × experts panel of relative load, its rows labelled with their name (if any) and MaxVio."""
     image = ax.imshow(rel_LE, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=vmax)
     n_layers = rel_LE.shape[0]
     if n_layers <= MAX_LABELLED_LAYERS:
         max_vio_L = rel_LE.max(axis=1) - 1.0
         ax.set_yticks(range(n_layers))
-        ax.set_yticklabels([f"{name} (MaxVio {v:.2f})" for name, v in zip(labels, max_vio_L)])
+        ax.set_yticklabels(
+            [f"{name} (MaxVio {v:.2f})" if name else f"MaxVio {v:.2f}" for name, v in zip(labels, max_vio_L)]
+        )
     ax.set_xlabel(f"routed expert (of {rel_LE.shape[1]})")
     ax.set_title(title)
     return image
@@ -158,12 +161,14 @@ def load_windows_figure(windows: Sequence[tuple[str, np.ndarray]], layer_names: 
     n_layers, n_experts = rels[0].shape if rels else (0, 0)
     height = min(max(HEATMAP_MIN_HEIGHT_IN, HEATMAP_HEIGHT_PER_LAYER_IN * n_layers + 1.5), HEATMAP_MAX_HEIGHT_IN)
     fig = Figure(figsize=(HEATMAP_WIDTH_IN * max(len(rels), 1) * 0.75 + 2.0, height))
-    axes = fig.subplots(1, max(len(rels), 1), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(1, max(len(rels), 1), squeeze=False, gridspec_kw={"wspace": HEATMAP_PANEL_WSPACE})[
+        0
+    ]  # not sharey: each panel labels its own MaxVio
     if rels and rels[0].size:
         labels = _row_labels(n_layers, layer_names)
         vmax = max(float(r.max()) for r in rels) or 1.0
-        for ax, rel_LE, (title, _) in zip(axes, rels, windows):
-            image = _draw_load_panel(ax, rel_LE, labels, title, vmax)
+        for i, (ax, rel_LE, (title, _)) in enumerate(zip(axes, rels, windows)):
+            image = _draw_load_panel(ax, rel_LE, labels if i == 0 else [""] * n_layers, title, vmax)
         fig.colorbar(image, ax=list(axes), label="load / layer mean load")
     else:
         axes[0].text(0.5, 0.5, "no MoE layers", ha="center", va="center", transform=axes[0].transAxes)

@@ -27,9 +27,10 @@ NAMES = ["layer 1", "layer 2", "MTP 1"]  # 3 layers, the first dense, one MTP mo
 
 
 def loads_at(step: int) -> np.ndarray:
-    """[3 layers, 4 experts]: one hot expert, the next one every LOAD_WINDOW_STEPS steps (MaxVio 4/1.75 - 1)."""
+    """[3 layers, 4 experts]: one hot expert, the next one every LOAD_WINDOW_STEPS steps; from step
+    2 * LOAD_WINDOW_STEPS on, less hot (MaxVio 4/1.75 - 1 = 1.29, then 2/1.25 - 1 = 0.60)."""
     loads = np.ones((len(NAMES), N_EXPERTS))
-    loads[:, step // LOAD_WINDOW_STEPS % N_EXPERTS] += 3.0
+    loads[:, step // LOAD_WINDOW_STEPS % N_EXPERTS] += 3.0 if step < 2 * LOAD_WINDOW_STEPS else 1.0
     return loads
 
 
@@ -83,6 +84,7 @@ def test_first_and_last_windows() -> None:
     assert [ax.get_title() for ax in panels] == [first_title, last_title]
     labels = [t.get_text() for t in panels[0].get_yticklabels()]
     assert [label.split(" (")[0] for label in labels] == NAMES and labels[-1] == "MTP 1 (MaxVio 1.29)"
+    assert [t.get_text() for t in panels[1].get_yticklabels()] == ["MaxVio 0.60"] * len(NAMES)  # its own window's
     unnamed = load_windows_figure([("w", np.ones((3, 2)))], ["too", "few"])  # a wrong count: row numbers
     assert unnamed.axes[0].get_yticklabels()[0].get_text() == "0 (MaxVio 0.00)"
 
