@@ -554,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.platform.inference.loading import open_served
 
     def absolute(path: str) -> str:
-        return os.path.abspath(path) if "://" not in path else path
+        return path if "://" in path or path.startswith("models:/") else os.path.abspath(path)
 
     try:  # every input error is one line, before Ray starts (a wrong path must not fail in a replica)
         key_file = absolute(args.api_key_file) if args.api_key_file else None
