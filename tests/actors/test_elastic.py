@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -148,14 +149,24 @@ def test_faults_while_a_checkpoint_is_written_and_while_it_is_restored_are_retri
             graph = super()._build(layout)
             call = graph.rt.call
 
-            def call_then_kill(actor, method, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-                refs = call(actor, method, *args, **kwargs)
+            def kill_then_call(actor, method, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
                 if faults and method == faults[0][0] and actor in graph.shards and faults[0][1] in str(args[0]):
                     faults.pop(0)
-                    ray.kill(actor)  # the call was submitted: the actor dies in the middle of it
-                return refs
+                    # dead before the call reaches it: killed after submitting, a fast save could finish first
+                    # (seen under load: the checkpoint appeared and the restore read it, not step 2)
+                    ray.kill(actor)
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        try:
+                            ray.get(actor.__ray_ready__.remote(), timeout=5)
+                        except ray.exceptions.RayActorError:
+                            break
+                        except ray.exceptions.GetTimeoutError:
+                            continue
+                        time.sleep(0.05)
+                return call(actor, method, *args, **kwargs)
 
-            graph.rt.call = call_then_kill
+            graph.rt.call = kill_then_call
             return graph
 
     trainer = FaultyGraph(cfg, checkpoint_root=str(tmp_path / "run"))
