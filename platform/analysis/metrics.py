@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from raymoe.platform.train.balance import max_violation
+
 MASKED_BIAS = -1.0e4  # far below any affinity in (0, 1) plus a balancing bias: never chosen while one is left
 
 
@@ -41,9 +43,8 @@ def expert_counts(idx: torch.Tensor, n_experts: int, valid: torch.Tensor | None 
 
 
 def max_vio(counts: torch.Tensor) -> float:
-    """MaxVio of a load vector [E]: (max − mean) / mean; 0 without tokens."""
-    mean = float(counts.double().mean())
-    return (float(counts.max()) - mean) / mean if mean > 0 else 0.0
+    """MaxVio of a load vector [E]: (max − mean) / mean; 0 without tokens (training's :func:`max_violation`)."""
+    return float(max_violation(counts.double().unsqueeze(0))[0])
 
 
 def routing_entropy(counts: torch.Tensor) -> float:
