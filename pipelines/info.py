@@ -4,6 +4,8 @@
     raymoe info deepseek-v3 --json --seq-len 4096 --tokens 14.8e12 --peak-tflops 989 --mfu 0.4
     raymoe info small model.n_routed_experts=16
     raymoe info path/to/checkpoint            # a Hugging Face DeepseekV3 config.json
+    raymoe info deepseek-v3 --plan serve --devices 8 --device-memory 141GiB --host-memory 2TiB --expert-budget 60GiB
+    raymoe info deepseek-v3 --plan train --nodes 256 --gpus-per-node 8 --interconnect-gbps 400
 
 The numbers come from :mod:`raymoe.platform.info` (the model is built on the meta device, so
 even the 671B configuration takes about a second). At MFU 0.407 the ``deepseek-v3`` estimate
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from raymoe.platform.config import ModelConfig
 from raymoe.platform.info import (
     DEEPSEEK_V3_PRETRAIN_TOKENS,
     DEFAULT_SEQ_LEN,
@@ -23,6 +26,7 @@ from raymoe.platform.info import (
     model_info,
     resolve_model_config,
 )
+from raymoe.platform.plan import DEFAULT_GROUP_SIZE, DEFAULT_KV_TOKENS, DEFAULT_RESERVE, ServePlan, serve_plan
 
 DEFAULT_MFU = 0.4
 GIGA = 1e9
@@ -59,7 +63,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mfu", type=float, default=DEFAULT_MFU, help=f"model FLOPs utilization (default {DEFAULT_MFU})"
     )
+    _register_plan(parser)
     parser.set_defaults(func=run)
+
+
+def _register_plan(parser: argparse.ArgumentParser) -> None:
+    """The ``--plan serve|train`` options (see :mod:`raymoe.platform.plan` and docs/planning.md)."""
+    plan = parser.add_argument_group("capacity plan (--plan serve|train; sizes like 141GiB, 80GB, 2TiB)")
+    plan.add_argument("--plan", choices=("serve", "train"), help="print where the model sits instead of the counts")
+    plan.add_argument("--device-memory", default="80GiB", help="memory of one device (default 80GiB, an H100/H800)")
+    plan.add_argument(
+        "--reserve",
+        default=DEFAULT_RESERVE,
+        help=f"per device, kept free for activations and the runtime: a size or a %% (default {DEFAULT_RESERVE})",
+    )
+    serve = parser.add_argument_group("--plan serve")
+    serve.add_argument("--devices", type=int, default=1, help="devices of the machine (default 1)")
+    serve.add_argument("--host-memory", default="1TiB", help="the machine's memory for offloaded experts (1TiB)")
+    serve.add_argument(
+        "--expert-budget",
+        default=None,
+        help="device bytes for routed experts, per device: a size or a %% of their bf16 bytes "
+        "(default: what is left after the reserve, the non-expert weights and --kv-tokens of cache)",
+    )
+    serve.add_argument("--warm-dtype", default="fp8", help="warm experts: fp8 | int8 | int4 (default fp8)")
+    serve.add_argument(
+        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="weights per int8/int4 scale (default 128)"
+    )
+    serve.add_argument(
+        "--cold", default="offload", help="cold experts: offload (host, bf16) | quantized (default offload)"
+    )
+    serve.add_argument("--cold-dtype", default="int4", help="with --cold quantized: fp8 | int8 | int4 (default int4)")
+    serve.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=DEFAULT_KV_TOKENS,
+        help=f"latent-cache tokens per device the default budget leaves room for (default {DEFAULT_KV_TOKENS})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError("--seq-len, --tokens and --peak-tflops must be > 0 and --mfu in (0, 1]")
     cfg = resolve_model_config(args.config, args.overrides)
+    if args.plan is not None:
+        return run_plan(args, cfg)
     info = model_info(cfg, args.seq_len, tokens=args.tokens, peak_tflops=args.peak_tflops, mfu=args.mfu)
     if args.json:
         print(json.dumps({"config": args.config, **info.to_dict()}))
@@ -114,4 +156,98 @@ def format_table(name: str, info: ModelInfo) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"raymoe info: {name}", "-" * (width + 40)]
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --plan
+
+
+def run_plan(args: argparse.Namespace, cfg: ModelConfig) -> int:
+    """Print the serve or train plan of ``cfg`` (a table, or one JSON object with ``--json``)."""
+    plan = serve_plan(
+        cfg,
+        devices=args.devices,
+        device_memory=args.device_memory,
+        host_memory=args.host_memory,
+        expert_budget=args.expert_budget,
+        warm_dtype=args.warm_dtype,
+        group_size=args.group_size,
+        cold=args.cold,
+        cold_dtype=args.cold_dtype,
+        reserve=args.reserve,
+        kv_tokens=args.kv_tokens,
+    )
+    if args.json:
+        print(json.dumps({"config": args.config, "plan": args.plan, **plan.to_dict()}))
+    else:
+        print(format_serve_plan(args.config, plan))
+    return 0
+
+
+def _size(n: int | float) -> str:
+    """Bytes in the largest binary unit below them, with the exact count: ``31.88 GiB (34,235,326,464 B)``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit} ({n:,} B)"
+    return f"{n:,} B"
+
+
+def _short(n: int | float) -> str:
+    """:func:`_size` without the exact count."""
+    return _size(n).split(" (")[0]
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    """Two columns; a row without a value is a heading and does not set the width."""
+    width = max(len(label) for label, value in rows if value)
+    return [f"{label:<{width}}  {value}" if value else label for label, value in rows]
+
+
+def format_serve_plan(name: str, p: ServePlan) -> str:
+    """The serve plan as a readable table: per device, then the machine's totals, then the assumptions."""
+    t, sizes = p.tiers, p.expert_bytes
+    budget = "auto" if p.expert_budget_auto else "--expert-budget"
+    uneven = len(set(p.experts_per_layer)) > 1
+    device = "device 0, of the most experts" if uneven else f"each of {p.devices}"
+    warm = "fp8 e4m3, float32 scale per 128x128 block" if p.warm_dtype == "fp8" else (
+        f"{p.warm_dtype}, bf16 scale per {p.group_size} weights of a row")  # fmt: skip
+    if p.cold == "offload":
+        cold = "in host memory in bf16; staging on the device: num_experts_per_tok bf16 experts, when any is cold"
+    else:
+        cold = f"on the device in {p.cold_dtype}" + ("" if p.cold_dtype == "fp8" else f", group {p.group_size}")
+    rows = [
+        (f"per device ({device}; {p.experts_per_layer[0]} experts per MoE layer)", ""),
+        ("  device memory", _size(p.device_memory)),
+        ("  reserve", f"{_size(p.reserve)}  activations, runtime"),
+        ("  usable", _size(p.usable)),
+        ("  non-expert weights", f"{_size(p.non_expert_bytes)}  bf16, replicated"),
+    ]
+    rows += [(f"    {part.replace('_', ' ')}", _size(b)) for part, b in p.non_expert.items()]
+    rows += [
+        ("  routed experts", f"{_size(p.expert_budget)}  {budget}: "
+         f"{p.expert_budget / p.routed_experts_bf16:.1%} of their {_short(p.routed_experts_bf16)} in bf16"),
+        ("    hot", f"{_size(t.hot_bytes)}  {t.hot:,} x {sizes['hot']['total']:,} B"),
+        ("    warm", f"{_size(t.warm_bytes)}  {t.warm:,} x {sizes['warm']['total']:,} B"),
+        ("    cold (on the device)", f"{_size(t.cold_device_bytes)}  {t.cold:,} experts"),
+        ("  latent (MLA) KV cache", f"{_size(p.kv_cache_bytes)}  {p.kv_tokens:,} tokens x {p.kv_bytes_per_token:,} B"),
+        ("  unused", f"{_size(p.free_bytes)}  budget and cache remainders"),
+        (f"machine ({p.devices} devices)", ""),
+        ("  routed experts", f"{p.total_hot:,} hot + {p.total_warm:,} warm + {p.total_cold:,} cold = "
+         f"{p.total_hot + p.total_warm + p.total_cold:,} ({_short(p.total_routed_experts_bf16)} in bf16)"),
+        ("  host memory", _size(p.host_memory)),
+        ("  cold experts in host memory", _size(p.host_cold_bytes)),
+        ("  latent-cache tokens", f"{p.total_kv_tokens:,} ({p.kv_tokens:,} per device)"),
+    ]  # fmt: skip
+    rule = "-" * 96
+    lines = [f"raymoe info {name} --plan serve", rule, *_rows(rows), rule]
+    lines += [
+        "tiers: hot in bf16",
+        f"  warm in {warm}",
+        f"  cold {cold}",
+        "assumptions: main model only (MTP modules not placed); expert parallel: each MoE layer's routed experts",
+        "  split over the devices in contiguous blocks; all else replicated on every device (data-parallel",
+        "  attention: each device caches its own sequences' latents, all layers); memory, reserve and budget are",
+        "  per device, host memory is the machine's; tiers are counts (which experts: the expert statistics at",
+        "  serve time); fill: every expert warm if the budget allows, then as many hot as fit; else warm, rest cold.",
+    ]
     return "\n".join(lines)
