@@ -26,7 +26,16 @@ from raymoe.platform.info import (
     model_info,
     resolve_model_config,
 )
-from raymoe.platform.plan import DEFAULT_GROUP_SIZE, DEFAULT_KV_TOKENS, DEFAULT_RESERVE, ServePlan, serve_plan
+from raymoe.platform.plan import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_INTERCONNECT_GBPS,
+    DEFAULT_KV_TOKENS,
+    DEFAULT_RESERVE,
+    ServePlan,
+    TrainPlan,
+    serve_plan,
+    train_plan,
+)
 
 DEFAULT_MFU = 0.4
 GIGA = 1e9
@@ -100,6 +109,24 @@ def _register_plan(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_KV_TOKENS,
         help=f"latent-cache tokens per device the default budget leaves room for (default {DEFAULT_KV_TOKENS})",
     )
+    train = parser.add_argument_group("--plan train (also --seq-len, --peak-tflops, --mfu)")
+    train.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    train.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    train.add_argument(
+        "--interconnect-gbps",
+        type=float,
+        default=DEFAULT_INTERCONNECT_GBPS,
+        help=f"network bandwidth per GPU, Gbit/s one way (default {DEFAULT_INTERCONNECT_GBPS:g})",
+    )
+    train.add_argument("--pp", type=int, default=None, help="pipeline stages (default: the fewest that fit)")
+    train.add_argument("--ep", type=int, default=None, help="expert shards (default: min(GPUs, n_routed_experts))")
+    train.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    train.add_argument("--micro-batches", type=int, default=1, help="micro-batches per replica per step (default 1)")
+    train.add_argument(
+        "--recompute", action="store_true", help="activation checkpointing: blocks keep only their input"
+    )
+    train.add_argument("--overlap", action="store_true", help="step = max(compute, all-to-all) instead of their sum")
+    train.add_argument("--moment-dtype", default="fp32", help="AdamW moments: fp32 | bf16 (default fp32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,23 +191,45 @@ def format_table(name: str, info: ModelInfo) -> str:
 
 def run_plan(args: argparse.Namespace, cfg: ModelConfig) -> int:
     """Print the serve or train plan of ``cfg`` (a table, or one JSON object with ``--json``)."""
-    plan = serve_plan(
-        cfg,
-        devices=args.devices,
-        device_memory=args.device_memory,
-        host_memory=args.host_memory,
-        expert_budget=args.expert_budget,
-        warm_dtype=args.warm_dtype,
-        group_size=args.group_size,
-        cold=args.cold,
-        cold_dtype=args.cold_dtype,
-        reserve=args.reserve,
-        kv_tokens=args.kv_tokens,
-    )
+    if args.plan == "train":
+        plan = train_plan(
+            cfg,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            interconnect_gbps=args.interconnect_gbps,
+            device_memory=args.device_memory,
+            reserve=args.reserve,
+            pp=args.pp,
+            ep=args.ep,
+            micro_batch=args.micro_batch,
+            micro_batches=args.micro_batches,
+            seq_len=args.seq_len,
+            recompute=args.recompute,
+            overlap=args.overlap,
+            moment_dtype=args.moment_dtype,
+            peak_tflops=args.peak_tflops,
+            mfu=args.mfu,
+        )
+        text = format_train_plan
+    else:
+        plan = serve_plan(
+            cfg,
+            devices=args.devices,
+            device_memory=args.device_memory,
+            host_memory=args.host_memory,
+            expert_budget=args.expert_budget,
+            warm_dtype=args.warm_dtype,
+            group_size=args.group_size,
+            cold=args.cold,
+            cold_dtype=args.cold_dtype,
+            reserve=args.reserve,
+            kv_tokens=args.kv_tokens,
+        )
+        text = format_serve_plan
     if args.json:
         print(json.dumps({"config": args.config, "plan": args.plan, **plan.to_dict()}))
     else:
-        print(format_serve_plan(args.config, plan))
+        print(text(args.config, plan))
     return 0
 
 
@@ -249,5 +298,66 @@ def format_serve_plan(name: str, p: ServePlan) -> str:
         "  attention: each device caches its own sequences' latents, all layers); memory, reserve and budget are",
         "  per device, host memory is the machine's; tiers are counts (which experts: the expert statistics at",
         "  serve time); fill: every expert warm if the budget allows, then as many hot as fit; else warm, rest cold.",
+    ]
+    return "\n".join(lines)
+
+
+def format_train_plan(name: str, p: TrainPlan) -> str:
+    """The train plan as a readable table: layout, bytes per GPU, all-to-all, step time and tokens/s."""
+    stage_total = sum(p.stage_bytes.values())
+    shard_total = sum(p.shard_bytes.values())
+    prec = p.precision
+    moments = "fp32" if prec["moment_bytes"] == 4 else "bf16"
+    start, end = p.stage_layers
+    where = ["embedding"] if p.stage_index == 0 else []
+    where += ["head, final norm, MTP"] if p.stage_index == p.pp - 1 else []
+    stage_what = f"stage {p.stage_index}: layers {start}-{end - 1}" + (f" + {', '.join(where)}" if where else "")
+    step = "max(compute, all-to-all)" if p.overlap else "compute + all-to-all (not overlapped)"
+    rows = [
+        (f"layout ({p.nodes} nodes x {p.gpus_per_node} GPUs = {p.gpus})", ""),
+        ("  dp x pp, ep", f"{p.dp} x {p.pp}{' (fewest stages that fit)' if p.pp_auto else ''}, {p.ep} expert shards"),
+        (
+            "  batch per step",
+            f"{p.tokens_per_step:,} tokens = dp {p.dp} x {p.micro_batches} micro-batches x "
+            f"{p.micro_batch} x {p.seq_len:,} tokens",
+        ),
+        (f"per GPU (largest stage + largest shard){', recompute' if p.recompute else ''}", ""),
+        ("  device memory, usable", f"{_short(p.device_memory)}, {_short(p.usable)} (less --reserve)"),
+        (f"  attention stage ({stage_what})", f"{_size(stage_total)}  {p.stage_params:,} params"),
+    ]
+    rows += [(f"    {k}", _size(v)) for k, v in p.stage_bytes.items()]
+    rows += [(f"  expert shard ({p.shard_experts_per_layer} per MoE layer)", f"{_size(shard_total)}  "
+              f"{p.shard_params:,} params")]  # fmt: skip
+    rows += [(f"    {k}", _size(v)) for k, v in p.shard_bytes.items()]
+    rows += [
+        ("  total", f"{_size(p.gpu_bytes)}  {p.gpu_bytes / p.usable:.0%} of usable"),
+        ("all-to-all", ""),
+        ("  per token, all MoE layers", f"{p.a2a_bytes_per_token:,} B (dispatch + combine, fwd + bwd"
+         f"{' + recomputed fwd' if p.recompute else ''})"),
+        ("  per step, leaving their GPU", f"{_size(p.a2a_bytes_per_step)}  {p.a2a_leaving_fraction:.4f} of all"),
+        ("  per GPU, per step", f"{_size(p.a2a_bytes_per_gpu)}  {p.a2a_s * 1e3:,.1f} ms at "
+         f"{p.interconnect_gbps:g} Gb/s"),
+        ("throughput", ""),
+        ("  model FLOPs per token", f"{p.flops_per_token / 1e9:,.1f} GFLOP (MTP included)"),
+        ("  compute per step", f"{p.compute_s * 1e3:,.1f} ms at MFU {p.mfu:g} of {p.peak_tflops:g} TFLOP/s"
+         f"{' (x4/3: recompute)' if p.recompute else ''}"),
+        ("  step", f"{p.step_s * 1e3:,.1f} ms = {step}"),
+        ("  tokens/s", f"{p.tokens_per_s:,.0f}  ({p.tokens_per_s / p.gpus:,.0f} per GPU, MFU with all-to-all "
+         f"{p.effective_mfu:.3f})"),
+    ]  # fmt: skip
+    a = p.activation_bytes_per_token
+    rule = "-" * 96
+    lines = [f"raymoe info {name} --plan train", rule, *_rows(rows), rule]
+    lines += [
+        f"precision: bf16 weights ({prec['weight_bytes']} B) and gradients ({prec['grad_bytes']} B), fp32 master "
+        f"({prec['master_bytes']} B), AdamW moments 2 x {moments} = {prec['per_param']} B a parameter",
+        f"activations kept per token (bf16, no recompute): dense block {a['dense_block']:,} B, MoE block "
+        f"{a['moe_block_on_stage']:,} B on the stage",
+        f"  + {a['moe_block_routed']:,} B on the shards (top-k x (D + 3I)); fp32 logits {a['logits_per_head']:,} B "
+        "per head on the last stage",
+        "assumptions: raymoe's actor graph, one attention stage per GPU and one expert shard on ep of them; all",
+        "  micro-batches forward, then backward (all in flight); balanced routing; a choice leaves its GPU unless",
+        "  its expert is in that GPU's shard; all of it at --interconnect-gbps (NVLink not modelled); pipeline",
+        "  sends, the dp gradient all-reduce and the bubble are not counted (the bubble is inside --mfu).",
     ]
     return "\n".join(lines)

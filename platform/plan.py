@@ -40,10 +40,12 @@ from raymoe.platform.checkpoint.fp8 import FP8_BLOCK, scale_shape
 from raymoe.platform.config import ConfigError, ModelConfig
 from raymoe.platform.info import (
     BF16_BYTES,
+    TERA,
     ParamCounts,
     build_meta_model,
     count_params,
     kv_cache_bytes_per_token_mla,
+    train_flops_per_token,
 )
 
 FP32_BYTES = 4
@@ -124,6 +126,7 @@ class ModelAnatomy:
     mtp_dense_params: tuple[int, ...]
     gate_bias_numel: int
     mtp_gate_bias_numel: int
+    final_norm_params: int
 
     @property
     def non_expert_params(self) -> int:
@@ -152,8 +155,11 @@ def model_anatomy(cfg: ModelConfig) -> ModelAnatomy:
     mtp = [split(m) for m in model.mtp_modules()]
     shapes = next((s[3] for s in main + mtp if s[3]), ())
     expert_params = sum(rows * cols for rows, cols in shapes)
+    final_norm = model.model.norm.weight.numel()
     if sum(s[1] for s in main) != counts.routed_experts:
         raise RuntimeError("model_anatomy: the routed experts do not add up to count_params'")
+    if sum(s[0] for s in main) + counts.embedding + counts.head + final_norm != counts.total - counts.routed_experts:
+        raise RuntimeError("model_anatomy: the non-expert parameters do not add up to count_params'")
     return ModelAnatomy(
         counts=counts,
         expert_matrices=shapes,
@@ -165,6 +171,7 @@ def model_anatomy(cfg: ModelConfig) -> ModelAnatomy:
         mtp_dense_params=tuple(s[0] for s in mtp),
         gate_bias_numel=sum(s[2] for s in main),
         mtp_gate_bias_numel=sum(s[2] for s in mtp),
+        final_norm_params=final_norm,
     )
 
 
@@ -479,3 +486,354 @@ def serve_plan(
 
 def _gib(n: int | float) -> str:
     return f"{n / 2**30:,.2f} GiB"
+
+
+# --------------------------------------------------------------------------- training
+
+DEFAULT_INTERCONNECT_GBPS = 400.0  # one 400 Gb/s InfiniBand port per GPU, as in DeepSeek-V3's H800 cluster
+RECOMPUTE_FLOPS_FACTOR = 4 / 3  # recomputing the forward in the backward: 1 + 1 + 2 passes instead of 1 + 2
+A2A_PASSES = 4  # dispatch and combine in the forward, their gradients in the backward
+A2A_PASSES_RECOMPUTE = 6  # the recomputed forward dispatches and combines again
+LOGITS_BYTES = FP32_BYTES  # the cross-entropy's logits, kept in float32 for the backward
+BITS_PER_BYTE = 8
+GIGA = 1e9
+MOMENT_DTYPES = {"fp32": FP32_BYTES, "bf16": BF16_BYTES}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainPrecision:
+    """Bytes per parameter: bf16 working weights and gradients, float32 master weights, AdamW's two moments.
+
+    16 bytes a parameter with float32 moments; 12 with bf16 moments (DeepSeek-V3's choice, §3.3).
+    """
+
+    weight_bytes: int = BF16_BYTES
+    grad_bytes: int = BF16_BYTES
+    master_bytes: int = FP32_BYTES
+    moment_bytes: int = FP32_BYTES  # each of the two
+
+    @property
+    def per_param(self) -> int:
+        return self.weight_bytes + self.grad_bytes + self.master_bytes + 2 * self.moment_bytes
+
+    def split(self, params: int) -> dict[str, int]:
+        """Bytes of ``params`` parameters by kind."""
+        return {
+            "weights": params * self.weight_bytes,
+            "gradients": params * self.grad_bytes,
+            "master": params * self.master_bytes,
+            "moments": params * 2 * self.moment_bytes,
+        }
+
+
+def attention_values_per_token(cfg: ModelConfig) -> int:
+    """bf16 values one token keeps for the backward in one MLA block (flash attention: no score matrix).
+
+    The layer input and its norm (2D); with q_lora_rank the query latent and its norm (2·q_lora);
+    the query (H·qk_head_dim); kv_a's output (kv_lora + rope) and the normed latent (kv_lora); the
+    decompressed keys' no-RoPE half and values (H·(nope + v)); the attention output (H·v).
+    """
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    q_latent = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0
+    return (
+        2 * D
+        + q_latent
+        + H * cfg.qk_head_dim
+        + (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank
+        + H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + H * cfg.v_head_dim
+    )
+
+
+def ffn_values_per_token(cfg: ModelConfig, moe: bool) -> int:
+    """bf16 values one token keeps on its attention stage for the FFN half of a block.
+
+    The residual and its norm (2D); a dense SwiGLU's gate, up and their product (3·I); in an MoE
+    layer the router's scores (E) and the shared experts' 3·I·n_shared. The routed experts' part
+    is on the expert shards (:func:`routed_values_per_choice`).
+    """
+    D = cfg.hidden_size
+    if not moe:
+        return 2 * D + 3 * cfg.intermediate_size
+    return 2 * D + cfg.n_routed_experts + 3 * cfg.moe_intermediate_size * cfg.n_shared_experts
+
+
+def routed_values_per_choice(cfg: ModelConfig) -> int:
+    """bf16 values an expert shard keeps per (token, chosen expert): the dispatched row D, gate, up, product 3·I."""
+    return cfg.hidden_size + 3 * cfg.moe_intermediate_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainPlan:
+    """A training layout and what follows from it; bytes per GPU unless named ``*_total``/``*_per_step``.
+
+    A GPU holds one attention stage (``dp × pp`` of them, one per GPU) and, on ``ep`` of the GPUs,
+    one expert shard. ``stage`` is the largest stage, ``shard`` the largest shard.
+    """
+
+    nodes: int
+    gpus_per_node: int
+    gpus: int
+    dp: int
+    pp: int
+    ep: int
+    pp_auto: bool
+    micro_batch: int  # sequences per micro-batch
+    micro_batches: int  # per replica per step
+    seq_len: int
+    tokens_per_step: int
+    recompute: bool
+    overlap: bool
+    precision: dict[str, int]  # bytes per parameter of each kind
+    stage_index: int
+    stage_layers: tuple[int, int]  # [start, end) main layers of the largest stage
+    stage_params: int
+    stage_bytes: dict[str, int]  # weights, gradients, master, moments, activations
+    shard_experts_per_layer: int
+    shard_params: int
+    shard_bytes: dict[str, int]
+    activation_bytes_per_token: dict[str, int]  # per block kind, kept for the backward (no recompute)
+    gpu_bytes: int  # the largest stage + the largest shard
+    device_memory: int
+    reserve: int
+    usable: int
+    a2a_bytes_per_token: int  # all MoE layers, all passes, before the fraction leaving the GPU
+    a2a_leaving_fraction: float
+    a2a_bytes_per_step: int  # over the cluster, leaving their GPU
+    a2a_bytes_per_gpu: int
+    interconnect_gbps: float
+    a2a_s: float
+    flops_per_token: float  # model FLOPs, MTP included
+    peak_tflops: float
+    mfu: float
+    compute_s: float
+    step_s: float
+    tokens_per_s: float
+    effective_mfu: float  # model FLOPs per second over the peak, all-to-all included
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+def _stage_contents(anatomy: ModelAnatomy, cfg: ModelConfig, bounds: tuple[int, int], first: bool, last: bool):
+    """(params, activation values per token, blocks, the largest block's values) of one stage."""
+    start, end = bounds
+    moe_first = cfg.first_k_dense_replace
+    attn = attention_values_per_token(cfg)
+    params = sum(anatomy.layer_dense_params[start:end])
+    values = [attn + ffn_values_per_token(cfg, moe=layer >= moe_first) for layer in range(start, end)]
+    if first:
+        params += anatomy.counts.embedding
+    if last:
+        params += anatomy.counts.head + anatomy.final_norm_params + sum(anatomy.mtp_dense_params)
+        # each MTP module: enorm and hnorm outputs and eh_proj's output (3D), then one MoE block
+        values += [3 * cfg.hidden_size + attn + ffn_values_per_token(cfg, moe=True)] * len(anatomy.mtp_dense_params)
+    return params, sum(values), len(values), max(values, default=0)
+
+
+def train_plan(
+    cfg: ModelConfig,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    interconnect_gbps: float = DEFAULT_INTERCONNECT_GBPS,
+    device_memory: str | int = "80GiB",
+    reserve: str | int = DEFAULT_RESERVE,
+    pp: int | None = None,
+    ep: int | None = None,
+    micro_batch: int = 1,
+    micro_batches: int = 1,
+    seq_len: int = 4096,
+    recompute: bool = False,
+    overlap: bool = False,
+    moment_dtype: str = "fp32",
+    peak_tflops: float = 989.0,
+    mfu: float = 0.4,
+    anatomy: ModelAnatomy | None = None,
+) -> TrainPlan:
+    """Plan training ``cfg`` (MTP modules included) on ``nodes × gpus_per_node`` GPUs with raymoe's actor graph.
+
+    Layout: every GPU holds one attention stage (``dp × pp = GPUs``; layers split as evenly as
+    :func:`split_evenly` does, the embedding on the first stage, the head, final norm and MTP
+    modules on the last) and ``ep`` GPUs (default ``min(GPUs, n_routed_experts)``) one expert
+    shard each (each MoE layer's experts in contiguous blocks). ``pp`` defaults to the smallest
+    divisor of the GPU count whose largest stage plus largest shard fit ``device_memory`` less
+    ``reserve``. The schedule is raymoe's: all micro-batches forward, then all backward, so a
+    stage keeps the activations of its replica's ``micro_batches`` and a shard those of every
+    token routed to it in the step (balanced loads). Activations per token are those of
+    :func:`attention_values_per_token`, :func:`ffn_values_per_token` and
+    :func:`routed_values_per_choice` in bf16, plus float32 logits of every head on the last stage;
+    with ``recompute`` a block keeps only its input (D values) and one block at a time is rebuilt.
+
+    All-to-all: per token and MoE layer (main and MTP), ``num_experts_per_tok × hidden × 2`` bytes
+    each of dispatch and combine, forward and backward (and the recomputed forward), of which
+    ``1 − 1/GPUs`` leave the GPU (a choice stays only when its expert is in the GPU's own shard).
+    Each GPU sends its share at ``interconnect_gbps``. Compute time is the step's model FLOPs
+    (:func:`~raymoe.platform.info.train_flops_per_token`; ×4/3 with ``recompute``) at ``mfu`` of
+    ``peak_tflops`` on every GPU; the step is compute + all-to-all, or the larger of the two with
+    ``overlap``. Not counted: pipeline sends, the gradient all-reduce of replicated stages, the
+    gate-bias buffers.
+    """
+    for name, flag, value in [
+        ("nodes", "--nodes", nodes),
+        ("gpus_per_node", "--gpus-per-node", gpus_per_node),
+        ("micro_batch", "--micro-batch", micro_batch),
+        ("micro_batches", "--micro-batches", micro_batches),
+        ("seq_len", "--seq-len", seq_len),
+    ]:
+        if value <= 0:
+            raise ConfigError(f"{name} ({flag}) must be >= 1, got {value}")
+    if interconnect_gbps <= 0:
+        raise ConfigError(f"interconnect_gbps (--interconnect-gbps) must be > 0, got {interconnect_gbps}")
+    if peak_tflops <= 0 or not 0 < mfu <= 1:
+        raise ConfigError(f"--peak-tflops must be > 0 and --mfu in (0, 1], got {peak_tflops} and {mfu}")
+    if moment_dtype not in MOMENT_DTYPES:
+        raise ConfigError(f"moment_dtype (--moment-dtype) {moment_dtype!r} is not one of {', '.join(MOMENT_DTYPES)}")
+    gpus = nodes * gpus_per_node
+    layers = cfg.num_hidden_layers
+    if ep is None:
+        ep = min(gpus, cfg.n_routed_experts)
+    most = min(gpus, cfg.n_routed_experts)
+    if not 1 <= ep <= most:
+        raise ConfigError(f"ep (--ep) must be in [1, {most}] (at most the GPUs and model.n_routed_experts), got {ep}")
+    if pp is not None and (pp <= 0 or gpus % pp or pp > layers):
+        raise ConfigError(
+            f"pp (--pp) must divide the {gpus} GPUs and be at most model.num_hidden_layers ({layers}), got {pp}"
+        )
+    anatomy = anatomy if anatomy is not None else model_anatomy(cfg)
+    memory = parse_size(device_memory, "--device-memory")
+    reserved = parse_size_or_percent(reserve, "--reserve", memory)
+    usable = memory - reserved
+    precision = TrainPrecision(moment_bytes=MOMENT_DTYPES[moment_dtype])
+    candidates = [pp] if pp is not None else [d for d in range(1, min(gpus, layers) + 1) if gpus % d == 0]
+    plans = [
+        _train_layout(cfg, anatomy, precision, gpus, d, ep, micro_batch, micro_batches, seq_len, recompute)
+        for d in candidates
+    ]
+    fitting = [p for p in plans if p["gpu_bytes"] <= usable]
+    if not fitting:
+        best = min(plans, key=lambda p: p["gpu_bytes"])
+        raise ConfigError(
+            f"no layout fits: the smallest, pp={best['pp']} (dp={gpus // best['pp']}, ep={ep}), needs "
+            f"{_gib(best['gpu_bytes'])} on a GPU, more than the usable {_gib(usable)} (--device-memory "
+            f"{_gib(memory)} less --reserve {_gib(reserved)}); try --recompute, more --nodes, a smaller "
+            "--micro-batch, --micro-batches or --seq-len, or --moment-dtype bf16"
+        )
+    layout = fitting[0]
+    dp = gpus // layout["pp"]
+    tokens = dp * micro_batches * micro_batch * seq_len
+    moe_total = anatomy.moe_layers + anatomy.mtp_moe_layers
+    passes = A2A_PASSES_RECOMPUTE if recompute else A2A_PASSES
+    a2a_per_token = moe_total * passes * cfg.num_experts_per_tok * cfg.hidden_size * BF16_BYTES
+    leaving = 1 - 1 / gpus
+    a2a_step = round(tokens * a2a_per_token * leaving)
+    a2a_gpu = a2a_step // gpus
+    a2a_s = a2a_gpu * BITS_PER_BYTE / (interconnect_gbps * GIGA)
+    flops = train_flops_per_token(cfg, seq_len, include_mtp=True, counts=anatomy.counts)
+    factor = RECOMPUTE_FLOPS_FACTOR if recompute else 1.0
+    compute_s = tokens * flops * factor / (gpus * peak_tflops * TERA * mfu)
+    step_s = max(compute_s, a2a_s) if overlap else compute_s + a2a_s
+    return TrainPlan(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpus=gpus,
+        dp=dp,
+        pp=layout["pp"],
+        ep=ep,
+        pp_auto=pp is None,
+        micro_batch=micro_batch,
+        micro_batches=micro_batches,
+        seq_len=seq_len,
+        tokens_per_step=tokens,
+        recompute=recompute,
+        overlap=overlap,
+        precision={**dataclasses.asdict(precision), "per_param": precision.per_param},
+        stage_index=layout["stage_index"],
+        stage_layers=layout["stage_layers"],
+        stage_params=layout["stage_params"],
+        stage_bytes=layout["stage_bytes"],
+        shard_experts_per_layer=layout["shard_experts_per_layer"],
+        shard_params=layout["shard_params"],
+        shard_bytes=layout["shard_bytes"],
+        activation_bytes_per_token={
+            "dense_block": BF16_BYTES * (attention_values_per_token(cfg) + ffn_values_per_token(cfg, moe=False)),
+            "moe_block_on_stage": BF16_BYTES * (attention_values_per_token(cfg) + ffn_values_per_token(cfg, moe=True)),
+            "moe_block_routed": BF16_BYTES * cfg.num_experts_per_tok * routed_values_per_choice(cfg),
+            "logits_per_head": LOGITS_BYTES * cfg.vocab_size,
+        },
+        gpu_bytes=layout["gpu_bytes"],
+        device_memory=memory,
+        reserve=reserved,
+        usable=usable,
+        a2a_bytes_per_token=a2a_per_token,
+        a2a_leaving_fraction=leaving,
+        a2a_bytes_per_step=a2a_step,
+        a2a_bytes_per_gpu=a2a_gpu,
+        interconnect_gbps=interconnect_gbps,
+        a2a_s=a2a_s,
+        flops_per_token=flops,
+        peak_tflops=peak_tflops,
+        mfu=mfu,
+        compute_s=compute_s,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
+        effective_mfu=tokens * flops / step_s / (gpus * peak_tflops * TERA),
+    )
+
+
+def _train_layout(
+    cfg: ModelConfig,
+    anatomy: ModelAnatomy,
+    precision: TrainPrecision,
+    gpus: int,
+    pp: int,
+    ep: int,
+    micro_batch: int,
+    micro_batches: int,
+    seq_len: int,
+    recompute: bool,
+) -> dict[str, Any]:
+    """Bytes of the largest stage and the largest shard for one pipeline depth."""
+    D = cfg.hidden_size
+    dp = gpus // pp
+    mb_tokens = micro_batch * seq_len
+    heads = 1 + len(anatomy.mtp_dense_params)
+    stages, start = [], 0
+    for index, size in enumerate(split_evenly(cfg.num_hidden_layers, pp)):
+        bounds = (start, start + size)
+        start += size
+        params, values, blocks, largest = _stage_contents(anatomy, cfg, bounds, index == 0, index == pp - 1)
+        if recompute:  # each block keeps its input; one block is rebuilt at a time
+            act = BF16_BYTES * (micro_batches * mb_tokens * blocks * D + mb_tokens * largest)
+        else:
+            act = BF16_BYTES * micro_batches * mb_tokens * values
+        if index == pp - 1:
+            act += micro_batches * mb_tokens * heads * cfg.vocab_size * LOGITS_BYTES
+        split = precision.split(params) | {"activations": act}
+        stages.append((sum(split.values()), index, bounds, params, split))
+    stage_total, stage_index, stage_layers, stage_params, stage_bytes = max(stages, key=lambda s: s[0])
+
+    per_layer = split_evenly(cfg.n_routed_experts, ep)[0]
+    moe_total = anatomy.moe_layers + anatomy.mtp_moe_layers
+    shard_params = per_layer * moe_total * anatomy.expert_params
+    tokens = dp * micro_batches * mb_tokens
+    choices = math.ceil(tokens * cfg.num_experts_per_tok * per_layer / cfg.n_routed_experts)  # per MoE layer
+    full = routed_values_per_choice(cfg)
+    if recompute:
+        shard_act = BF16_BYTES * choices * (moe_total * D + full)
+    else:
+        shard_act = BF16_BYTES * choices * moe_total * full
+    shard_bytes = precision.split(shard_params) | {"activations": shard_act}
+    return {
+        "pp": pp,
+        "stage_index": stage_index,
+        "stage_layers": stage_layers,
+        "stage_params": stage_params,
+        "stage_bytes": stage_bytes,
+        "shard_experts_per_layer": per_layer,
+        "shard_params": shard_params,
+        "shard_bytes": shard_bytes,
+        "gpu_bytes": stage_total + sum(shard_bytes.values()),
+    }

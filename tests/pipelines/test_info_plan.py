@@ -63,3 +63,47 @@ def test_bad_serve_flags_exit_2_naming_them(info_only_cli, capsys, flags, messag
     assert cli.main([*SERVE_671B, *flags]) == 2
     err = capsys.readouterr().err
     assert "raymoe info: configuration error" in err and message in err
+
+
+TRAIN_671B = [
+    "info", "deepseek-v3", "--plan", "train", "--nodes", "256", "--gpus-per-node", "8",
+    "--interconnect-gbps", "400", "--moment-dtype", "bf16",
+]  # fmt: skip
+
+
+def test_train_plan_prints_layout_bytes_all_to_all_and_tokens_per_s(info_only_cli, capsys):
+    assert cli.main(TRAIN_671B) == 0
+    out = capsys.readouterr().out
+    assert "raymoe info deepseek-v3 --plan train" in out
+    for line in [
+        "dp x pp, ep                                        64 x 32 (fewest stages that fit), 256 expert shards",
+        "batch per step                                     262,144 tokens = dp 64 x 1 micro-batches x 1 x 4,096",
+        "attention stage (stage 0: layers 0-1 + embedding)  25.87 GiB (27,775,598,592 B)  2,093,645,824 params",
+        "expert shard (1 per MoE layer)                     41.02 GiB (44,048,580,608 B)  2,598,371,328 params",
+        "per token, all MoE layers                          27,066,368 B (dispatch + combine, fwd + bwd)",
+        "per GPU, per step                                  3.22 GiB (3,462,803,456 B)  69.3 ms at 400 Gb/s",
+        "compute per step                                   84.3 ms at MFU 0.4 of 989 TFLOP/s",
+        "step                                               153.6 ms = compute + all-to-all (not overlapped)",
+        "tokens/s                                           1,706,788",
+        "AdamW moments 2 x bf16 = 12 B a parameter",
+    ]:
+        assert line in out, line
+    assert cli.main([*TRAIN_671B, "--json", "--overlap"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["plan"] == "train" and (plan["dp"], plan["pp"], plan["ep"]) == (64, 32, 256)
+    assert plan["step_s"] == plan["compute_s"] > plan["a2a_s"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "0"], "nodes (--nodes) must be >= 1"),
+        (["--pp", "3"], "pp (--pp) must divide the 2048 GPUs"),
+        (["--moment-dtype", "fp32"], "no layout fits"),
+        (["--device-memory", "80XB"], "--device-memory '80XB' is not a size"),
+    ],
+)
+def test_bad_train_flags_exit_2_naming_them(info_only_cli, capsys, flags, message):
+    assert cli.main([*TRAIN_671B, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "raymoe info: configuration error" in err and message in err

@@ -6,6 +6,7 @@ import pytest
 
 from raymoe.actors.placement import split_evenly as placement_split_evenly
 from raymoe.platform.config import ConfigError, ModelConfig, load_config
+from raymoe.platform.info import H800_BF16_PEAK_TFLOPS, train_flops_per_token
 from raymoe.platform.plan import (
     expert_bytes,
     fill_tiers,
@@ -14,6 +15,7 @@ from raymoe.platform.plan import (
     parse_size_or_percent,
     serve_plan,
     split_evenly,
+    train_plan,
 )
 
 GiB = 2**30
@@ -221,3 +223,118 @@ def test_bad_serve_flags_are_named(v3, v3_anatomy, kwargs, message):
     args = {"devices": 8, "device_memory": "141GiB", "host_memory": "2TiB", "expert_budget": "60GiB"} | kwargs
     with pytest.raises(ConfigError, match=message):
         serve_plan(v3, anatomy=v3_anatomy, **args)
+
+
+# --------------------------------------------------------------------------- training
+
+# the tiny preset's parameters other than routed experts, by hand (see tiny_non_expert_bytes)
+TINY_ATTENTION = 64 * 32 + 32 + 32 * 4 * 24 + 64 * 24 + 16 + 16 * 4 * 32 + 4 * 16 * 64  # 12,848 a layer
+TINY_DENSE_LAYER = TINY_ATTENTION + 2 * 64 + 3 * 64 * 128  # + two norms + the dense SwiGLU
+TINY_MOE_LAYER = TINY_ATTENTION + 2 * 64 + 8 * 64 + 3 * 64 * 32  # + two norms + gate + shared expert
+TINY_MTP = 64 + 64 + 2 * 64 * 64 + 64 + TINY_MOE_LAYER  # enorm, hnorm, eh_proj, shared_head.norm, a MoE block
+TINY_EMBEDDING = TINY_HEAD = 512 * 64
+# bf16 values a token keeps for the backward (see attention_values_per_token and ffn_values_per_token)
+TINY_ATTENTION_VALUES = 2 * 64 + 2 * 32 + 4 * 24 + (16 + 8) + 16 + 4 * (16 + 16) + 4 * 16  # 520
+TINY_DENSE_VALUES = TINY_ATTENTION_VALUES + 2 * 64 + 3 * 128  # 1,032
+TINY_MOE_VALUES = TINY_ATTENTION_VALUES + 2 * 64 + 8 + 3 * 32  # 752 (router scores, shared expert)
+TINY_MTP_VALUES = 3 * 64 + TINY_MOE_VALUES  # 944: enorm, hnorm, eh_proj outputs
+TINY_ROUTED_VALUES = 64 + 3 * 32  # per chosen expert: the dispatched row, gate, up, product
+
+
+def test_tiny_train_plan_by_hand(tiny):
+    # 4 GPUs, pp 2 -> dp 2, ep 4; 3 micro-batches of 2 sequences of 32 tokens a replica
+    plan = train_plan(
+        tiny, nodes=2, gpus_per_node=2, interconnect_gbps=1.0, device_memory="1GiB", pp=2,
+        micro_batch=2, micro_batches=3, seq_len=32, peak_tflops=100.0, mfu=0.5,
+    )  # fmt: skip
+    assert (plan.gpus, plan.dp, plan.pp, plan.ep) == (4, 2, 2, 4)
+    assert plan.tokens_per_step == 2 * 3 * 2 * 32 == 384
+    assert plan.precision["per_param"] == 2 + 2 + 4 + 2 * 4
+    # 3 layers on 2 stages: [0, 2) with the embedding, [2, 3) with the head, final norm and MTP
+    stage0 = TINY_DENSE_LAYER + TINY_MOE_LAYER + TINY_EMBEDDING
+    stage1 = TINY_MOE_LAYER + TINY_HEAD + 64 + TINY_MTP
+    act0 = 2 * 3 * 64 * (TINY_DENSE_VALUES + TINY_MOE_VALUES)  # bf16 x micro-batches x tokens x values
+    logits = 3 * 64 * 2 * 512 * 4  # micro-batches x tokens x (main + MTP head) x vocab x fp32
+    act1 = 2 * 3 * 64 * (TINY_MOE_VALUES + TINY_MTP_VALUES) + logits
+    assert 16 * stage1 + act1 > 16 * stage0 + act0  # the last stage is the largest
+    assert (plan.stage_index, plan.stage_layers, plan.stage_params) == (1, (2, 3), stage1)
+    assert plan.stage_bytes == {
+        "weights": 2 * stage1, "gradients": 2 * stage1, "master": 4 * stage1, "moments": 8 * stage1,
+        "activations": act1,
+    }  # fmt: skip
+    # 8 experts on 4 shards: 2 per MoE layer, 3 MoE layers (2 main + MTP), 6,144 params each
+    assert plan.shard_params == 2 * 3 * 6144
+    choices = 384 * 2 * 2 // 8  # tokens x top-k x this shard's share of the experts, per MoE layer
+    assert plan.shard_bytes["activations"] == 2 * choices * 3 * TINY_ROUTED_VALUES
+    assert plan.gpu_bytes == 16 * stage1 + act1 + 16 * 2 * 3 * 6144 + 2 * choices * 3 * TINY_ROUTED_VALUES
+    # all-to-all: 3 MoE layers x 4 passes x top-2 x D 64 x 2 B a token, 3/4 of it leaving the GPU
+    assert plan.a2a_bytes_per_token == 3 * 4 * 2 * 64 * 2 == 3072
+    assert plan.a2a_bytes_per_step == 384 * 3072 * 3 // 4
+    assert plan.a2a_bytes_per_gpu == 384 * 3072 * 3 // 4 // 4
+    assert plan.a2a_s == pytest.approx(221_184 * 8 / 1e9)
+    flops = train_flops_per_token(tiny, 32)
+    assert plan.compute_s == pytest.approx(384 * flops / (4 * 100e12 * 0.5))
+    assert plan.step_s == pytest.approx(plan.compute_s + plan.a2a_s)
+    assert plan.tokens_per_s == pytest.approx(384 / plan.step_s)
+
+
+def test_tiny_recompute_overlap_and_the_fewest_stages_that_fit(tiny):
+    args = {"nodes": 1, "gpus_per_node": 4, "micro_batch": 2, "micro_batches": 3, "seq_len": 32, "reserve": 0}
+    rc = train_plan(tiny, pp=2, recompute=True, overlap=True, **args)
+    logits = 3 * 64 * 2 * 512 * 4
+    # a block keeps its input (64 values a token); the largest block (the MTP's) is rebuilt for one micro-batch
+    assert rc.stage_bytes["activations"] == 2 * (3 * 64 * 2 * 64 + 64 * TINY_MTP_VALUES) + logits
+    assert rc.shard_bytes["activations"] == 2 * 192 * (3 * 64 + TINY_ROUTED_VALUES)
+    assert rc.a2a_bytes_per_token == 3 * 6 * 2 * 64 * 2  # the recomputed forward dispatches again
+    assert rc.compute_s == pytest.approx(384 * train_flops_per_token(tiny, 32) * 4 / 3 / (4 * 989e12 * 0.4))
+    assert rc.step_s == max(rc.compute_s, rc.a2a_s)
+    # pp = 1 needs the whole model on a GPU with 4 replicas' routed tokens: 5,808,128 B by hand
+    stage = TINY_DENSE_LAYER + 2 * TINY_MOE_LAYER + TINY_EMBEDDING + TINY_HEAD + 64 + TINY_MTP
+    values = TINY_DENSE_VALUES + 2 * TINY_MOE_VALUES + TINY_MTP_VALUES
+    one = 16 * stage + 2 * 3 * 64 * values + logits + 16 * 2 * 3 * 6144 + 2 * (768 * 4 // 8) * 3 * TINY_ROUTED_VALUES
+    assert train_plan(tiny, pp=1, **args).gpu_bytes == one == 5_808_128
+    assert train_plan(tiny, device_memory=one, **args).pp == 1
+    auto = train_plan(tiny, device_memory=one - 1, **args)
+    assert auto.pp == 2 and auto.pp_auto and auto.gpu_bytes < one
+
+
+def test_deepseek_v3_on_2048_h800s(v3, v3_anatomy):
+    plan = train_plan(v3, nodes=256, gpus_per_node=8, interconnect_gbps=400, moment_dtype="bf16", anatomy=v3_anatomy)
+    assert (plan.gpus, plan.ep) == (2048, 256)
+    assert plan.precision["per_param"] == 12
+    assert plan.shard_params == 59 * V3_EXPERT_PARAMS  # one expert of each of 58 MoE layers and the MTP's
+    assert plan.a2a_bytes_per_token == 59 * 4 * 8 * 7168 * 2 == 27_066_368
+    tokens = plan.dp * 4096
+    assert plan.tokens_per_step == tokens
+    assert plan.a2a_bytes_per_step == round(tokens * 27_066_368 * 2047 / 2048)
+    assert plan.a2a_s == pytest.approx(plan.a2a_bytes_per_step // 2048 * 8 / 400e9)
+    flops = train_flops_per_token(v3, 4096, counts=v3_anatomy.counts)
+    assert plan.compute_s == pytest.approx(tokens * flops / (2048 * H800_BF16_PEAK_TFLOPS * 1e12 * 0.4))
+    assert plan.gpu_bytes <= plan.usable == 80 * GiB - 8 * GiB
+    # smaller pipelines do not fit; with fp32 moments no depth does
+    assert plan.pp == 32
+    with pytest.raises(ConfigError, match=r"no layout fits.*--recompute"):
+        train_plan(v3, nodes=256, gpus_per_node=8, anatomy=v3_anatomy)
+    overlapped = train_plan(v3, nodes=256, gpus_per_node=8, moment_dtype="bf16", overlap=True, anatomy=v3_anatomy)
+    # compute-bound: tokens/s = GPUs x peak x MFU / FLOPs per token
+    assert overlapped.tokens_per_s == pytest.approx(2048 * H800_BF16_PEAK_TFLOPS * 1e12 * 0.4 / flops)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nodes": 0}, r"nodes \(--nodes\) must be >= 1"),
+        ({"gpus_per_node": -1}, r"--gpus-per-node"),
+        ({"interconnect_gbps": 0}, r"--interconnect-gbps"),
+        ({"micro_batch": 0}, r"--micro-batch\)"),
+        ({"pp": 3}, r"pp \(--pp\) must divide the 4 GPUs"),
+        ({"ep": 9}, r"ep \(--ep\) must be in \[1, 4\]"),
+        ({"moment_dtype": "fp16"}, r"--moment-dtype\) 'fp16' is not one of fp32, bf16"),
+        ({"mfu": 1.5}, r"--mfu in \(0, 1\]"),
+        ({"device_memory": "1MiB"}, r"no layout fits: the smallest, pp=2"),
+        ({"device_memory": "1ZB"}, r"--device-memory '1ZB' is not a size"),
+    ],
+)
+def test_bad_train_flags_are_named(tiny, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        train_plan(tiny, **({"nodes": 1, "gpus_per_node": 4} | kwargs))
