@@ -78,13 +78,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_plan(parser: argparse.ArgumentParser) -> None:
     """The ``--plan serve|train`` options (see :mod:`raymoe.platform.plan` and docs/planning.md)."""
+    reserve_default = DEFAULT_RESERVE.replace("%", "%%")  # argparse formats help strings with %
     plan = parser.add_argument_group("capacity plan (--plan serve|train; sizes like 141GiB, 80GB, 2TiB)")
     plan.add_argument("--plan", choices=("serve", "train"), help="print where the model sits instead of the counts")
     plan.add_argument("--device-memory", default="80GiB", help="memory of one device (default 80GiB, an H100/H800)")
     plan.add_argument(
         "--reserve",
         default=DEFAULT_RESERVE,
-        help=f"per device, kept free for activations and the runtime: a size or a %% (default {DEFAULT_RESERVE})",
+        help=f"per device, kept free for activations and the runtime: a size or a %% (default {reserve_default})",
     )
     serve = parser.add_argument_group("--plan serve")
     serve.add_argument("--devices", type=int, default=1, help="devices of the machine (default 1)")

@@ -107,3 +107,11 @@ def test_bad_train_flags_exit_2_naming_them(info_only_cli, capsys, flags, messag
     assert cli.main([*TRAIN_671B, *flags]) == 2
     err = capsys.readouterr().err
     assert "raymoe info: configuration error" in err and message in err
+
+
+def test_help_lists_the_plan_flags(info_only_cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["info", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--expert-budget" in out and "--interconnect-gbps" in out and "(default 10%)" in out
