@@ -80,6 +80,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run)
+    _register_shift(which)
+
+
+def _register_shift(which: argparse._SubParsersAction) -> None:
+    """The ``shift`` analysis: routing of in-domain and shifted data, bias frozen and adapting."""
+    from raymoe.platform.analysis.shift_options import DEFAULT_GAMMA, ShiftConfig
+
+    s = which.add_parser(
+        "shift",
+        help="routing under distribution shift: MaxVio, load and overlap, bias frozen and adapting",
+        description="Route held-out in-domain (--in) and shifted (--out) sequences with the bias frozen, then "
+        "train on the shifted data for --steps steps with the bias adapting and report when balance returns.",
+    )
+    s.add_argument("--checkpoint", required=True, metavar="LOCATION", help="as for analyze experts")
+    domain_help = ("a built-in domain (code, docs, tests: the stdlib split), any corpus prepare-data reads "
+                   "(file or directory), or NAME=PATH")  # fmt: skip
+    s.add_argument("--in", dest="domain_in", required=True, metavar="D1", help=f"the in-domain data: {domain_help}")
+    s.add_argument("--out", dest="domain_out", required=True, metavar="D2", help=f"the shifted data: {domain_help}")
+    d = ShiftConfig()
+    s.add_argument("--output-dir", default="outputs/analysis", help="where the report goes (default %(default)s)")
+    s.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
+    s.add_argument("--sequences", type=int, default=d.sequences, help=f"held out per domain (default {d.sequences})")
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences a forward (default {d.batch_size})")
+    s.add_argument("--steps", type=int, default=d.steps, help=f"N: continued-training steps on D2 (default {d.steps}"
+                   "; 0: bias frozen only)")  # fmt: skip
+    s.add_argument("--train-batch", type=int, default=d.train_batch,
+                   help=f"D2 sequences per training step (default {d.train_batch})")  # fmt: skip
+    s.add_argument("--lr", type=float, default=d.lr, help=f"constant learning rate, fresh AdamW (default {d.lr:g})")
+    s.add_argument("--gamma", type=float, default=None,
+                   help=f"γ, the bias update speed (default: the checkpoint's train.bias_update_speed, else "
+                   f"{DEFAULT_GAMMA:g})")  # fmt: skip
+    s.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help=f"balance is back at MaxVio <= in-domain × (1 + this) (default {d.tolerance:g})")  # fmt: skip
+    s.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate D2 every this many steps (1)")
+    s.add_argument("--seed", type=int, default=d.seed, help="seed of the continued training (default 0)")
+    s.add_argument("--runner", choices=RUNNERS, default="local", help="local engine (default) or the actor graph")
+    s.add_argument("--pp", type=int, default=1, help="graph: attention stages (default 1)")
+    s.add_argument("--ep", type=int, default=1, help="graph: expert shards (default 1)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu or cuda")
+    s.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="fp32 (the reference, default) or bf16 autocast")
+    s.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.platform.data.shards import DataError
 
     try:
-        return _experts(args)
+        return _shift(args) if args.analysis == "shift" else _experts(args)
     except (AnalysisError, CheckpointError, ConfigError, DataError) as exc:
-        print(f"raymoe analyze experts: {exc}", file=sys.stderr)
+        print(f"raymoe analyze {args.analysis}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -224,6 +268,157 @@ def _print_summary(report: dict, files: dict, run_id: str | None, seconds: float
                 sat["final_step"], ", ".join(f"step {s} {100 * v:.1f}%" for s, v in zip(sat["steps"], sat["mean"]))
             )
         )
+    print(f"report: {files['html']}  (JSON {files['json']}, figures in {Path(files['html']).parent / 'figures'})")
+    if run_id:
+        print(f"MLflow run {run_id}")
+
+
+# --------------------------------------------------------------------------- analyze shift
+
+
+def parse_shift_domain(spec: str, flag: str, builtin: tuple[str, ...]) -> tuple[str, str | None]:
+    """``--in``/``--out`` -> (name, path): a built-in domain (path None), ``NAME=PATH``, or a PATH (named by its
+    stem); AnalysisError naming an empty spec or an unknown domain path."""
+    if spec in builtin:
+        return spec, None
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec.rstrip("/")).stem or spec, spec
+    if not name.strip() or not path.strip():
+        raise AnalysisError(f"{flag} {spec!r}: expected a built-in domain ({', '.join(builtin)}), PATH or NAME=PATH")
+    if not Path(path).exists():
+        raise AnalysisError(
+            f"{flag} {spec}: unknown domain path {path}: no such file or directory "
+            f"(nor a built-in domain: {', '.join(builtin)})"
+        )
+    return name, path
+
+
+def _shift(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from raymoe.platform.analysis.domains import (
+        DEFAULT_DOMAINS,
+        chars_for,
+        domain_batches,
+        read_domain_texts,
+        stdlib_domain_texts,
+    )
+    from raymoe.platform.analysis.run import check_routing_layers
+    from raymoe.platform.analysis.shift import (
+        ROLES,
+        analyze_shift,
+        continued_training_config,
+        log_to_mlflow,
+        resolve_gamma,
+        split_rows,
+        write_outputs,
+    )
+    from raymoe.platform.analysis.shift_options import ShiftConfig
+    from raymoe.platform.config import ParallelConfig, TrackingConfig
+    from raymoe.platform.inference.loading import open_served
+
+    t0 = time.perf_counter()
+    specs = {"in": parse_shift_domain(args.domain_in, "--in", DEFAULT_DOMAINS),
+             "out": parse_shift_domain(args.domain_out, "--out", DEFAULT_DOMAINS)}  # fmt: skip
+    cfg = ShiftConfig(seq_len=args.seq_len, sequences=args.sequences, batch_size=args.batch_size, steps=args.steps,
+                      train_batch=args.train_batch, lr=args.lr, gamma=args.gamma, tolerance=args.tolerance,
+                      eval_every=args.eval_every, seed=args.seed, dtype=args.dtype)  # fmt: skip
+    cfg.validate()
+    served = open_served(args.checkpoint)
+    model, location = served.model_config, served.location
+    check_routing_layers(model, location)
+    if cfg.seq_len > model.max_position_embeddings:
+        raise AnalysisError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model.max_position_embeddings})"
+        )
+    state = getattr(served.reader, "state", None)
+    wanted = {"in": cfg.sequences, "out": cfg.sequences + cfg.steps * cfg.train_batch}  # sequences to cut
+    builtin = [r for r in ROLES if specs[r][1] is None]
+    stdlib = stdlib_domain_texts(chars_for(max(wanted[r] for r in builtin) * cfg.seq_len)) if builtin else {}
+    domains = {}
+    for r in ROLES:
+        name, path = specs[r]
+        texts = stdlib[name] if path is None else read_domain_texts(path, chars_for(wanted[r] * cfg.seq_len))
+        cut = domain_batches(texts, served.tokenizer, served.eos_token_id, cfg.seq_len, wanted[r], wanted[r],
+                             f"{name} (--{r})")  # fmt: skip
+        held, pool = split_rows(cut, cfg.sequences, cfg.batch_size)
+        source = path if path is not None else "python stdlib (the built-in split)"
+        domains[r] = {"name": name, "source": source, "held_out": held, "pool": pool if r == "out" else None}
+    pool = domains["out"]["pool"]
+    if cfg.steps > 0 and pool is None:
+        raise AnalysisError(
+            f"--out {args.domain_out}: no sequences of {cfg.seq_len} tokens left to train on after the "
+            f"{cfg.sequences} held out: give more text, fewer --sequences or --steps 0"
+        )
+    if cfg.steps > 0 and pool[0].shape[0] < wanted["out"] - cfg.sequences:
+        logger.warning("--out %s: %d training sequences for %d steps of %d: they repeat", args.domain_out,
+                       pool[0].shape[0], cfg.steps, cfg.train_batch)  # fmt: skip
+    graph = args.runner == "graph"
+    parallel = ParallelConfig(pp=args.pp, ep=args.ep, device=args.device) if graph else ParallelConfig()
+    parallel.device = args.device
+    train_cfg = continued_training_config(model, location, state, cfg, parallel)
+    trainer, source = _shift_trainer(train_cfg, graph, cfg.dtype)
+    step = state.get("step") if state else None
+    try:
+        with tqdm(desc="analyze shift", total=cfg.steps + 2, unit="step",
+                  disable=True if args.no_progress else None) as bar:  # fmt: skip
+            note = lambda what: (bar.set_postfix_str(what), bar.update())  # noqa: E731
+            report = analyze_shift(location, step, model, domains, trainer, source, cfg, resolve_gamma(cfg, state),
+                                   args.runner, progress=note)  # fmt: skip
+    finally:
+        trainer.shutdown() if graph else trainer.close()
+    files = write_outputs(report, args.output_dir)
+    run_id = None
+    if not args.no_mlflow:
+        run_id = log_to_mlflow(report, files, TrackingConfig(experiment=args.experiment))
+    _print_shift(report, files, run_id, time.perf_counter() - t0)
+    return 0
+
+
+def _shift_trainer(train_cfg: object, graph: bool, dtype: str) -> tuple:
+    """(trainer, the RoutingSource routing through it) of the continued training, on the runner asked for."""
+    if graph:
+        from raymoe.actors.analysis import GraphSource
+        from raymoe.actors.driver import GraphTrainer
+        from raymoe.actors.runtime import ensure_ray
+
+        ensure_ray()
+        trainer = GraphTrainer(train_cfg)
+        return trainer, GraphSource(trainer)
+    from raymoe.platform.analysis.shift import TrainerSource
+    from raymoe.platform.train.trainer import LocalTrainer
+
+    trainer = LocalTrainer(train_cfg)
+    return trainer, TrainerSource(trainer.model, dtype)
+
+
+def _print_shift(report: dict, files: dict, run_id: str | None, seconds: float) -> None:
+    d, fr, ad = report["domains"], report["frozen"], report["adapting"]
+    print(f"analyzed {report['checkpoint']} (step {report['step']}) on the {report['runner']} runner in "
+          f"{seconds:.0f} s: D1 {d['in']['name']}, D2 {d['out']['name']}, {d['in']['sequences']} and "
+          f"{d['out']['sequences']} held-out sequences")  # fmt: skip
+    after = {e["layer"]: e for e in (ad or {}).get("layers_after", [])}
+    head = f"{'bias frozen':<12}{'MaxVio D1':>10}{'MaxVio D2':>10}{'overlap':>9}"
+    print(head + (f"  | after {ad['steps']} steps: MaxVio D2, overlap with D1" if ad else ""))
+    for e in fr["layers"]:
+        line = f"{e['name']:<12}{e['in']['maxvio']:>10.3f}{e['out']['maxvio']:>10.3f}{e['overlap']:>9.3f}"
+        if ad:
+            a = after[e["layer"]]
+            line += f"  | {a['out']['maxvio']:>8.3f}{a['overlap']:>9.3f}"
+        print(line)
+    print(f"{'mean (main)':<12}{fr['maxvio_in']:>10.3f}{fr['maxvio_out']:>10.3f}{fr['overlap']:>9.3f}")
+    if ad:
+        s = ad["held_out"]
+        back = ad["steps_to_rebalance"]
+        said = f"balance back after {back} steps" if back is not None else f"not back within {ad['steps']} steps"
+        if back is not None and ad["balanced_from"] != back:
+            stays = ad["balanced_from"]
+            said += f", staying back from step {stays}" if stays is not None else ", not staying back"
+        print(f"bias adapting: {ad['steps']} steps on {d['out']['name']} (lr {ad['lr']:g}, γ {ad['gamma']:g}): mean "
+              f"MaxVio on D2 {s['maxvio_mean'][0]:.3f} -> {s['maxvio_mean'][-1]:.3f} (D1 frozen {ad['reference']:.3f}, "
+              f"threshold {ad['threshold']:.3f}); {said}; loss D2 {s['loss'][0]:.3f} -> {s['loss'][-1]:.3f}, "
+              f"D1 {fr['loss_in']:.3f} -> {ad['in_after']['loss']:.3f}")  # fmt: skip
     print(f"report: {files['html']}  (JSON {files['json']}, figures in {Path(files['html']).parent / 'figures'})")
     if run_id:
         print(f"MLflow run {run_id}")
