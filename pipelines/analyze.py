@@ -8,6 +8,11 @@ any corpus ``prepare-data`` reads) is tokenized with the checkpoint's tokenizer 
 model, on the local engine or on the actor graph. Writes ``experts.json``, ``figures/*.png`` and a
 self-contained ``report.html`` to ``--out`` and logs them as an MLflow run of their own. The library
 behind it is :mod:`raymoe.platform.analysis.run`; the formulas are in ``docs/analysis.md``.
+
+``raymoe analyze shift --checkpoint C --in D1 --out D2`` routes held-out in-domain and shifted
+sequences with the bias frozen (MaxVio_global, load distributions, their overlap), then trains on
+D2 for ``--steps`` steps with the bias adapting and reports when balance returns
+(:mod:`raymoe.platform.analysis.shift`; ``shift.json``, figures and ``shift.html`` in ``--output-dir``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ RUNNERS = ("local", "graph")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``analyze`` subcommand and its ``experts`` analysis."""
+    """Add the ``analyze`` subcommand and its ``experts`` and ``shift`` analyses."""
     p = sub.add_parser("analyze", help="analyze a checkpoint's routing", description=__doc__.split("\n\n")[0])
     which = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     e = which.add_parser("experts", help="domain and vocabulary specialization, co-activation, saturation, masking")
