@@ -223,6 +223,8 @@ class GraphTrainer:
             self.timings[f"wait_s/{key}"] = max(seconds - rep["compute_s"], 0.0)
         for k, rep in enumerate(shard_reports):
             self.timings[f"tokens/shard_{k}"] = rep["tokens"]
+        if shard_reports:  # a fine-tune steps only the shards that hold trained experts
+            self.timings["graph/shards_stepping"] = sum(bool(rep.get("steps", True)) for rep in shard_reports)
         # tensors the actors handed each other this step (activations, dispatch buffers, gradients)
         self.timings["graph/moved_mb"] = sum(rep.get("sent_bytes", 0) for rep in reports) / 2**20
         metrics = StepMetrics(

@@ -121,6 +121,10 @@ class ElasticGraph:
     def evaluate(self, batches: list) -> Any:
         return self._guard(self.graph.evaluate, batches)
 
+    def record(self, batches: list) -> Any:
+        """The routing of ``batches`` (:meth:`GraphTrainer.record`); a failure here is not recovered from."""
+        return self.graph.record(batches)
+
     def save_checkpoint(self, root: str, state: dict, extra_files: list | None = None) -> str:
         self.checkpoint_root = self.checkpoint_root or str(root)
         return self._guard(self.graph.save_checkpoint, root, state, extra_files)

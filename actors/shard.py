@@ -29,6 +29,7 @@ from raymoe.platform.config import RaymoeConfig
 from raymoe.platform.devices import host, resolve_device
 from raymoe.platform.model.moe import Experts
 from raymoe.platform.model.transformer import init_parameter_, moe_prefix
+from raymoe.platform.train.finetune import restrict
 from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
@@ -74,7 +75,9 @@ class Shard(Parking):
                 init_parameter_(name, p, m.initializer_range, cfg.train.seed, self.expert_ids[name])
         self.graphs: dict[tuple[int, Any], tuple] = {}
         if self.train_mode:
-            self.optimizer = build_optimizer(self.params, cfg.train)
+            restrict(self.params, cfg, self.expert_ids)  # a fine-tune's frozen experts (full: none)
+            self.optimizer = build_optimizer(self.params, cfg.train)  # None: no expert here trains
+            self.steps_taken = 0
             self._reset_step()
         else:
             self.experts.eval()
@@ -147,16 +150,19 @@ class Shard(Parking):
         """Squared gradient norm of the shard's experts and its work this step."""
         for layer in self.ran:  # experts that got no rows still step (zero gradient), as in one process
             for p in self.experts[str(layer)].parameters():
-                if p.grad is None:
+                if p.grad is None and p.requires_grad:
                     p.grad = torch.zeros_like(p)
         grads = [p.grad for _, p in self.params if p.grad is not None]
         sumsq = float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads)) if grads else 0.0
         return {"sumsq": sumsq, "tokens": self.tokens, "rows": self.rows, "compute_s": self.compute_s,
-                "in_flight": len(self.graphs), "sent_bytes": self.sent_bytes()}  # fmt: skip
+                "in_flight": len(self.graphs), "sent_bytes": self.sent_bytes(),
+                "steps": self.optimizer is not None, "steps_taken": self.steps_taken}  # fmt: skip
 
     def apply_step(self, lr: float, clip_coef: float, biases: Any = None) -> None:
+        """The optimizer step of the shard's experts; nothing when none of them trains (a fine-tune's frozen shard)."""
         t0 = time.perf_counter()
         clip_and_step([p for _, p in self.params], self.optimizer, lr, clip_coef)
+        self.steps_taken += self.optimizer is not None
         self._reset_step()
         self.compute_s = time.perf_counter() - t0  # counted in the next step's report
 

@@ -53,6 +53,7 @@ from raymoe.platform.model.forward import (
 from raymoe.platform.model.moe import combine_rows, compute_dtype, dispatch_rows
 from raymoe.platform.model.transformer import DeepseekV3
 from raymoe.platform.train.balance import LoadCounter
+from raymoe.platform.train.finetune import restrict
 from raymoe.platform.train.optim import build_optimizer, clip_and_step
 from raymoe.platform.train.trainer import autocast_context
 
@@ -229,6 +230,7 @@ class Stage(Collective):
         self.compute_s = 0.0
         if self.train_mode:
             self.part.train()
+            restrict(self.params, cfg)  # a fine-tune's frozen parameters (full: none)
             self.optimizer = build_optimizer(self.params, cfg.train)
             self._reset_step()
             self._reset_eval()
@@ -410,7 +412,7 @@ class Stage(Collective):
 
     def mtp_embed_backward(self, key: Any, grad: torch.Tensor | None) -> None:
         out = self.mtp_graphs.pop(key)
-        if grad is not None:
+        if grad is not None and out.requires_grad:  # a fine-tune's frozen embeddings: nothing to reach
             self._timed(torch.autograd.backward, [out], [grad.to(out)], autocast=False)
 
     # -- backward (training) --------------------------------------------------------------------

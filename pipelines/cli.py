@@ -20,8 +20,8 @@ import sys
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 SUBCOMMANDS = (
-    "info", "prepare-data", "generate", "pretrain", "resize", "export", "serve", "demo", "experiment", "analyze",
-    "bench", "ui",
+    "info", "prepare-data", "generate", "pretrain", "finetune", "resize", "export", "serve", "demo", "experiment",
+    "analyze", "bench", "ui",
 )  # fmt: skip
 
 

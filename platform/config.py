@@ -170,6 +170,30 @@ class ElasticConfig:
     grow: bool = True  # grow back toward parallel.dp/ep at step boundaries when actors fit again
 
 
+FINETUNE_METHODS = ("full", "esft-token", "esft-gate", "frozen-router")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """What a fine-tune trains (``raymoe finetune``; :mod:`raymoe.platform.train.finetune`).
+
+    ``method``: ``full`` (every parameter), ``frozen-router`` (all but the gates' weights),
+    ``esft-token`` / ``esft-gate`` (ESFT, arXiv 2407.01906: per MoE layer only the experts of
+    ``experts``, chosen on a sample of the data as the smallest set whose token-selection ratio or
+    average gate score sums to at least ``top_p``; everything else frozen). ``experts`` is filled by the
+    selection (MoE layer id as a string -> expert ids) and kept in the run's config, so that a resumed or
+    rebuilt run trains the same ones."""
+
+    method: str = "full"
+    top_p: float = 0.2  # ESFT's threshold p, in (0, 1] (ESFT's scripts use 0.2 for token, the paper 0.1 for gate)
+    sample_sequences: int = 32  # sequences of the data whose routing selects the experts
+    bias_update: bool = False  # update the gates' biases (train.bias_update_speed) while fine-tuning
+    dead_fraction: float = 0.1  # an expert is dead in a step when its load is below this fraction of uniform
+    general_every: int = 10  # loss on the general held-out set every this many steps (0: at the end only)
+    general_batches: int = 4  # batches of the general held-out set per evaluation
+    experts: dict[str, list[int]] = field(default_factory=dict)
+
+
 @dataclass(kw_only=True)
 class RaymoeConfig:
     """The whole configuration of one run."""
@@ -180,6 +204,7 @@ class RaymoeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -380,6 +405,27 @@ def validate(cfg: RaymoeConfig) -> None:
         )
     if t.bias_update_speed_final is not None and t.bias_update_speed_final < 0:
         raise ConfigError(f"train.bias_update_speed_final must be >= 0, got {t.bias_update_speed_final}")
+    validate_finetune(cfg.finetune, cfg.model)
+
+
+def validate_finetune(f: FinetuneConfig, m: ModelConfig) -> None:
+    """Check the ``finetune`` section against the model; :class:`ConfigError` naming the first wrong field."""
+    if f.method not in FINETUNE_METHODS:
+        raise ConfigError(f"finetune.method must be one of {', '.join(FINETUNE_METHODS)}, got {f.method!r}")
+    if not 0.0 < f.top_p <= 1.0:
+        raise ConfigError(f"finetune.top_p must be in (0, 1], got {f.top_p}")
+    if not 0.0 <= f.dead_fraction < 1.0:
+        raise ConfigError(f"finetune.dead_fraction must be in [0, 1), got {f.dead_fraction}")
+    _positive("finetune", f, ("sample_sequences", "general_batches", "general_every"), ("general_every",))
+    last = m.num_hidden_layers + m.num_nextn_predict_layers
+    for layer, experts in f.experts.items():
+        if not str(layer).isdigit() or not m.first_k_dense_replace <= int(layer) < last:
+            raise ConfigError(
+                f"finetune.experts: {layer!r} is not a MoE layer id in [{m.first_k_dense_replace}, {last})"
+            )
+        bad = [e for e in experts if not 0 <= e < m.n_routed_experts]
+        if bad:
+            raise ConfigError(f"finetune.experts[{layer}]: expert {bad[0]} is outside [0, {m.n_routed_experts})")
 
 
 # --------------------------------------------------------------------------- Hugging Face config.json

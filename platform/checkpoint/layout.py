@@ -13,7 +13,8 @@ Two layouts exist:
 - **Hugging Face / DeepSeek-V3 checkpoints** (import and :func:`~raymoe.platform.checkpoint.hf_save`
   export): ``config.json``, ``model.safetensors[.index.json]``, the tokenizer.
 
-A *location* is a local path, a pyarrow URI, or a Model Registry version (``models:/NAME/VERSION``,
+A fine-tune's **delta** (:mod:`raymoe.platform.checkpoint.delta`) holds only the tensors it changed and
+loads over its base. A *location* is a local path, a pyarrow URI, or a Model Registry version (``models:/NAME/VERSION``,
 ``models:/NAME@ALIAS``: the checkpoint it was registered with); :func:`resolve` says which
 checkpoint it means.
 """
@@ -42,6 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
+DELTA_FILE = "delta.json"  # a fine-tune's changed tensors over its base (raymoe.platform.checkpoint.delta)
 
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")
 _STACKED_RE = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
@@ -154,7 +156,8 @@ def stack_experts(tensors: dict[str, torch.Tensor], expert_ids: dict[str, list[i
 
 @dataclass(frozen=True)
 class Resolved:
-    """A checkpoint location: ``kind`` "training" (trainer_state.json, shards.json) or "hf" (config.json + weights)."""
+    """A checkpoint location: ``kind`` "training" (trainer_state.json, shards.json), "hf" (config.json + weights)
+    or "delta" (delta.json: a fine-tune's changed tensors over its base)."""
 
     location: str
     kind: str
@@ -227,6 +230,8 @@ def resolve(location: str) -> Resolved:
         return resolve(source)
     if is_training_checkpoint(location):
         return Resolved(location, "training")
+    if storage.is_file(storage.join(location, DELTA_FILE)):  # raymoe.platform.checkpoint.delta
+        return Resolved(location, "delta")
     if is_hf_checkpoint(location):
         return Resolved(location, "hf")
     latest = latest_checkpoint(location)

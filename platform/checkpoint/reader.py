@@ -30,7 +30,7 @@ from raymoe.platform.checkpoint.sharded import TrainingCheckpoint
 
 LOAD_BATCH_BYTES = 256 * 2**20  # read at most this much before copying it into place
 
-Reader = TrainingCheckpoint | HFCheckpoint
+Reader = TrainingCheckpoint | HFCheckpoint  # or a DeltaCheckpoint over either (raymoe.platform.checkpoint.delta)
 
 
 def open_checkpoint(location: str, strict_mtp: bool = False) -> Reader:
@@ -38,6 +38,10 @@ def open_checkpoint(location: str, strict_mtp: bool = False) -> Reader:
     resolved = resolve(location)
     if resolved.kind == "training":
         return TrainingCheckpoint(resolved.location)
+    if resolved.kind == "delta":
+        from raymoe.platform.checkpoint.delta import DeltaCheckpoint
+
+        return DeltaCheckpoint(resolved.location)
     return HFCheckpoint(resolved.location, strict_mtp=strict_mtp)
 
 

@@ -163,9 +163,13 @@ def prune_checkpoints(root: str, keep_last: int) -> list[str]:
 # -- optimizer state --------------------------------------------------------------------------------
 
 
-def optimizer_state_tensors(named_params: Iterable[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> dict:
-    """AdamW state as ``optimizer.<param>.<exp_avg|exp_avg_sq|step>`` tensors (CPU, contiguous)."""
+def optimizer_state_tensors(
+    named_params: Iterable[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer | None
+) -> dict:
+    """AdamW state as ``optimizer.<param>.<exp_avg|exp_avg_sq|step>`` tensors (CPU, contiguous); none without one."""
     out = {}
+    if optimizer is None:
+        return out
     for name, p in named_params:
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value):
@@ -174,10 +178,12 @@ def optimizer_state_tensors(named_params: Iterable[tuple[str, torch.Tensor]], op
 
 
 def load_optimizer_state(
-    named_params: Iterable[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, tensors: dict
+    named_params: Iterable[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer | None, tensors: dict
 ) -> None:
-    """Put :func:`optimizer_state_tensors` back (parameters without saved state keep none)."""
+    """Put :func:`optimizer_state_tensors` back (parameters without saved state, or that do not train, keep none)."""
     for name, p in named_params:
+        if optimizer is None or not p.requires_grad:
+            continue
         state = {}
         for kind in OPTIMIZER_KINDS:
             t = tensors.get(optimizer_name(name, kind))

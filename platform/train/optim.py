@@ -1,4 +1,11 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup-then-cosine schedule."""
+"""AdamW with decoupled weight decay on matrices only, and the warmup-then-cosine schedule.
+
+Only parameters that require a gradient are optimized (a fine-tune freezes the rest). A parameter
+of which only some rows train (ESFT's selected experts in a stacked expert tensor) carries those
+rows as ``row_mask`` (:func:`raymoe.platform.train.finetune.restrict`): its gradient's other rows
+are zero, so AdamW leaves them bit-identical, and its weight decay is applied to its rows only
+(:func:`decay_masked_rows`, before the step, as AdamW's own decoupled decay would).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +18,28 @@ from raymoe.platform.config import TrainConfig
 
 
 def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices (decayed) and vectors/norms/embeddings' 1-D params (not decayed)."""
-    decay = [p for name, p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for name, p in params if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    """AdamW groups of the parameters that train: matrices (decayed), 1-D params (not decayed), and
+    matrices that train in some rows only (``row_mask``: decayed there by :func:`decay_masked_rows`)."""
+    trained = [p for _, p in params if p.requires_grad]
+    masked = [p for p in trained if getattr(p, "row_mask", None) is not None]
+    decay = [p for p in trained if p.ndim >= 2 and getattr(p, "row_mask", None) is None]
+    no_decay = [p for p in trained if p.ndim < 2 and getattr(p, "row_mask", None) is None]
+    groups = [{"params": decay, "weight_decay": weight_decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if masked:
+        groups.append({"params": masked, "weight_decay": 0.0, "row_decay": weight_decay})
     return groups
 
 
-def build_optimizer(params: list[tuple[str, nn.Parameter]], train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over named parameters with the config's lr, betas and weight decay (fp32 state)."""
+def build_optimizer(params: list[tuple[str, nn.Parameter]], train: TrainConfig) -> torch.optim.AdamW | None:
+    """AdamW over named parameters with the config's lr, betas and weight decay (fp32 state); None when
+    nothing trains (a fine-tune's frozen part: an expert shard without selected experts steps nothing)."""
+    groups = param_groups(params, train.weight_decay)
+    if not groups:
+        return None
     return torch.optim.AdamW(
-        param_groups(params, train.weight_decay),
+        groups,
         lr=train.lr,
         betas=(train.beta1, train.beta2),
         eps=1e-8,
@@ -46,11 +62,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, lr: float, clip_coef: float) -> None:
+@torch.no_grad()
+def decay_masked_rows(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's decoupled weight decay, ``p ← p·(1 − lr·wd)``, on the trained rows of row-masked parameters only."""
+    for group in optimizer.param_groups:
+        wd = group.get("row_decay", 0.0)
+        if wd:
+            for p in group["params"]:
+                p[p.row_mask] *= 1.0 - group["lr"] * wd
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
+    """One AdamW step at ``lr`` (row-masked decay first), then the gradients are dropped; nothing when None."""
+    if optimizer is None:
+        return
+    set_lr(optimizer, lr)
+    decay_masked_rows(optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None, lr: float,
+                  clip_coef: float) -> None:  # fmt: skip
     """Scale the gradients by ``clip_coef`` (a global-norm coefficient from elsewhere), step at ``lr``, zero them."""
     grads = [p.grad for p in params if p.grad is not None]
     if clip_coef != 1.0 and grads:
         torch._foreach_mul_(grads, clip_coef)
-    set_lr(optimizer, lr)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, lr)

@@ -31,7 +31,7 @@ from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to
 from raymoe.platform.devices import resolve_device
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
-from raymoe.platform.train.optim import build_optimizer, cosine_lr, set_lr
+from raymoe.platform.train.optim import build_optimizer, cosine_lr, optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ class LocalTrainer:
         self.model = model if model is not None else build_model(cfg, resolve_device(cfg.parallel.device))
         self.model.train()
         self.device = self.model.device
+        from raymoe.platform.train.finetune import restrict
+
+        restrict(list(self.model.named_parameters()), cfg)  # a fine-tune's frozen parameters (full: none)
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.train)
         self.moe_layer_ids = list(self.model.moe_by_layer())
         self.gates = self.model.gates()
@@ -185,14 +188,14 @@ class LocalTrainer:
         """Clip, the AdamW step and the bias update from the step's sums and loads; the step's metrics."""
         tc = self.cfg.train
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if tc.grad_clip > 0:
+        if not params:
+            grad_norm = 0.0
+        elif tc.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True).item()
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
         lr = cosine_lr(self.step, tc.steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, lr)
         gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)
         biases = apply_bias_update(self.gates, loads, gamma)
         metrics = StepMetrics(
@@ -232,6 +235,18 @@ class LocalTrainer:
         self.model.train(was_training)
         loads = counter.loads()
         return total / max(count, 1), max_violation(loads) if loads.numel() else torch.zeros(0)
+
+    @torch.no_grad()
+    def record(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """The routing of every MoE layer (MTP modules included) over each of ``batches``: one
+        :class:`~raymoe.platform.analysis.capture.RoutingRecord` each (as ``GraphTrainer.record``)."""
+        from raymoe.platform.analysis.experts import LocalSource
+
+        was_training = self.model.training
+        try:
+            return LocalSource(self.model, keep_scores=False, dtype=self.cfg.train.dtype).record(batches)
+        finally:
+            self.model.train(was_training)
 
     # -- checkpoints ------------------------------------------------------------------------
 
