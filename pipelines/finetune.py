@@ -31,6 +31,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "raymoe-finetune"
+REGISTERED_MODEL = "raymoe-finetune"  # the Model Registry name of fine-tuned checkpoints (tracking.registered_model)
 DEFAULT_STEPS = 50
 DEFAULT_LR = 1e-4
 DELTA_DIR = "delta"
@@ -89,7 +90,7 @@ def finetune_config(reader: Any, data_dir: str, method: str, steps: int, lr: flo
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from raymoe.platform.config import ConfigError, RaymoeConfig, config_from_dict, config_to_dict
+    from raymoe.platform.config import ConfigError, RaymoeConfig, TrackingConfig, config_from_dict, config_to_dict
     from raymoe.platform.data.shards import read_manifest
 
     manifest = read_manifest(data_dir)
@@ -105,6 +106,8 @@ def finetune_config(reader: Any, data_dir: str, method: str, steps: int, lr: flo
     if top_p is not None:
         d["finetune"]["top_p"] = top_p
     d["tracking"]["experiment"] = experiment
+    if d["tracking"]["registered_model"] == TrackingConfig().registered_model:  # not beside the pretrained versions
+        d["tracking"]["registered_model"] = REGISTERED_MODEL
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
@@ -118,7 +121,7 @@ def finetune_config(reader: Any, data_dir: str, method: str, steps: int, lr: flo
     return config_from_dict(d)
 
 
-def check_tokenizer(base: str, data_dir: str) -> None:
+def check_tokenizer(base: str, data_dir: str, flag: str = "--data") -> None:
     """ConfigError when the data was tokenized with another tokenizer than the checkpoint's (both present)."""
     from raymoe.platform import storage
     from raymoe.platform.checkpoint.layout import TOKENIZER_FILE
@@ -127,7 +130,7 @@ def check_tokenizer(base: str, data_dir: str) -> None:
     mine, theirs = storage.join(base, TOKENIZER_FILE), storage.join(data_dir, TOKENIZER_FILE)
     if storage.is_file(mine) and storage.is_file(theirs) and storage.read_bytes(mine) != storage.read_bytes(theirs):
         raise ConfigError(
-            f"--data {data_dir} was tokenized with another tokenizer than the checkpoint {base}; prepare it "
+            f"{flag} {data_dir} was tokenized with another tokenizer than the checkpoint {base}; prepare it "
             f"with `raymoe prepare-data --tokenizer {mine}`"
         )
 
@@ -188,6 +191,7 @@ def run_finetune(
     batch = cfg.train.batch_size
     general_batches = []
     if general:
+        check_tokenizer(reader.location, general, "--general")
         general_batches = [b for _, b in zip(range(cfg.finetune.general_batches),
                                              iter_batches(general, "validation", batch_size=batch))]  # fmt: skip
         if not general_batches:

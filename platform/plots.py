@@ -392,3 +392,20 @@ def _prepend(
     first = steps[0] if steps else float("inf")
     kept = sorted((s, v) for s, v in earlier if s < first)
     return [s for s, _ in kept] + steps, [v for _, v in kept] + values
+
+
+def finetune_figure(series: dict[str, dict[str, Sequence[tuple[int, float]]]]) -> Figure:
+    """What fine-tuning does, per method: one panel per metric (e.g. the general loss and the mean effective
+    experts), a line per method. ``series[metric][method]`` is [(step, value)]."""
+    fig = Figure(figsize=(5.2 * len(series), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (metric, by_method) in zip(fig.subplots(1, len(series), squeeze=False)[0], series.items()):
+        for method, points in by_method.items():
+            if points:
+                steps, values = zip(*sorted(points))
+                ax.plot(steps, values, marker="." if len(points) < 12 else None, label=method)
+        ax.set_title(metric)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig

@@ -76,7 +76,8 @@ def test_routing_metrics_by_hand() -> None:
 def _esft_cfg(*extra: str):
     # layer 1 and 2 main MoE layers, 3 the MTP module; 8 experts each; weight decay on
     return load_config("tiny", ["finetune.method=esft-token", "finetune.experts={'1': [0, 5], '2': [3], '3': [1]}",
-                                "train.weight_decay=0.1", "train.steps=4", "train.warmup_steps=1", "train.bias_update_speed=0", *extra])  # fmt: skip
+                                "train.weight_decay=0.1", "train.steps=4", "train.warmup_steps=1",
+                                "train.bias_update_speed=0", *extra])  # fmt: skip
 
 
 def _steps(trainer, n: int = 3) -> None:  # noqa: ANN001
