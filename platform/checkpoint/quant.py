@@ -1,0 +1,84 @@
+"""Weight-only int8 and int4 group-wise quantization, in plain torch (issue 17's warm experts).
+
+The format ``raymoe.platform.plan`` counts the bytes of. A weight [out, in] is cut, row by row, into
+groups of ``group_size`` weights along ``in`` (the last group may be shorter). Each group has one
+bf16 scale, symmetric with no zero point:
+
+- int8: ``q = clamp(round(w / s), -127, 127)`` with ``s = amax / 127``, one byte a weight;
+- int4: ``q = clamp(round(w / s), -7, 7)`` with ``s = amax / 7``, two weights a byte (``in`` padded
+  to even): the low nibble holds even columns, the high nibble odd ones, as ``q + 8`` in 1..15.
+
+The scale is rounded *up* to bf16 (never below amax / qmax), so that ``|w / s| ≤ qmax`` and the
+clamp never cuts. Round-to-nearest then bounds every element's error by half its group's scale:
+``|w − dequantize(quantize(w))| ≤ s / 2``, with ``s ≤ amax · (1 + 2⁻⁷) / qmax`` (tested). A group of
+zeros has the smallest positive bf16 scale and dequantizes to zeros. FP8 e4m3 with 128×128 block
+scales is :mod:`raymoe.platform.checkpoint.fp8`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+QMAX = {"int8": 127, "int4": 7}
+DEFAULT_GROUP_SIZE = 128
+SCALE_DTYPE = torch.bfloat16
+
+
+def _check(w: torch.Tensor, dtype: str, group_size: int) -> None:
+    if dtype not in QMAX:
+        raise ValueError(f"dtype must be one of {', '.join(QMAX)}, got {dtype!r}")
+    if w.ndim != 2:
+        raise ValueError(f"a weight [out, in] is quantized, got shape {list(w.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+
+
+def group_scales(w: torch.Tensor, dtype: str, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+    """The bf16 scale of every group: [out, ⌈in/group_size⌉], each ≥ amax / qmax (rounded up)."""
+    _check(w, dtype, group_size)
+    rows, cols = w.shape
+    pad = -cols % group_size
+    amax = torch.nn.functional.pad(w.float().abs(), (0, pad)).view(rows, -1, group_size).amax(-1)
+    exact = amax / QMAX[dtype]
+    s = exact.to(SCALE_DTYPE)
+    s = torch.where(s.float() < exact, torch.nextafter(s, torch.full_like(s, math.inf)), s)
+    tiny = torch.tensor(torch.finfo(SCALE_DTYPE).tiny, dtype=SCALE_DTYPE)
+    return torch.where(s > 0, s, tiny)
+
+
+def quantize_groupwise(
+    w: torch.Tensor, dtype: str, group_size: int = DEFAULT_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)``: q int8 [out, in] (int8) or uint8 [out, ⌈in/2⌉] (int4, packed); scales bf16."""
+    scales = group_scales(w, dtype, group_size)
+    rows, cols = w.shape
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :cols]
+    qmax = QMAX[dtype]
+    q = torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8)
+    if dtype == "int8":
+        return q, scales
+    u = (q + 8).to(torch.uint8)
+    if cols % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)  # a zero in the padding column
+    return u[:, 0::2] | (u[:, 1::2] << 4), scales
+
+
+def dequantize_groupwise(
+    q: torch.Tensor, scales: torch.Tensor, dtype: str, cols: int, group_size: int = DEFAULT_GROUP_SIZE,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # fmt: skip
+    """The weight [out, cols] back from :func:`quantize_groupwise`'s ``(q, scales)``."""
+    if dtype not in QMAX:
+        raise ValueError(f"dtype must be one of {', '.join(QMAX)}, got {dtype!r}")
+    if dtype == "int4":
+        low, high = (q & 0x0F).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
+        q = torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)[:, :cols]
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :cols]
+    return (q.float() * s).to(out_dtype)
+
+
+def quantized_bytes(q: torch.Tensor, scales: torch.Tensor) -> int:
+    """The bytes a quantized weight holds: its codes and its scales."""
+    return q.numel() * q.element_size() + scales.numel() * scales.element_size()
