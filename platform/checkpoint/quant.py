@@ -18,8 +18,11 @@ scales is :mod:`raymoe.platform.checkpoint.fp8`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from raymoe.platform.checkpoint.fp8 import FP8_BLOCK, dequantize_fp8_blockwise, quantize_fp8_blockwise
 
 QMAX = {"int8": 127, "int4": 7}
 DEFAULT_GROUP_SIZE = 128
@@ -75,8 +78,42 @@ def dequantize_groupwise(
     if dtype == "int4":
         low, high = (q & 0x0F).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
         q = torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)[:, :cols]
+    rows = q.shape[0]
+    if cols % group_size == 0:  # no partial group: one broadcast product, no expanded scales
+        w = q.view(rows, -1, group_size).to(torch.float32) * scales.to(torch.float32).unsqueeze(-1)
+        return w.view(rows, cols).to(out_dtype)
     s = scales.float().repeat_interleave(group_size, dim=1)[:, :cols]
     return (q.float() * s).to(out_dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """One weight [out, in] held quantized in ``dtype`` (``fp8``, ``int8`` or ``int4``), with its scales."""
+
+    dtype: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    cols: int
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    @property
+    def nbytes(self) -> int:
+        return quantized_bytes(self.q, self.scales)
+
+    def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.dtype == "fp8":
+            return dequantize_fp8_blockwise(self.q, self.scales, FP8_BLOCK, out_dtype)
+        return dequantize_groupwise(self.q, self.scales, self.dtype, self.cols, self.group_size, out_dtype)
+
+
+def quantize_weight(w: torch.Tensor, dtype: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
+    """``w`` [out, in] in ``dtype``: ``fp8`` (e4m3, 128×128 block scales, as DeepSeek-V3's checkpoints) or
+    ``int8``/``int4`` group-wise (:func:`quantize_groupwise`)."""
+    if dtype == "fp8":
+        q, scales = quantize_fp8_blockwise(w, FP8_BLOCK)
+        return QuantizedWeight("fp8", q, scales, w.shape[1], FP8_BLOCK)
+    q, scales = quantize_groupwise(w, dtype, group_size)
+    return QuantizedWeight(dtype, q, scales, w.shape[1], group_size)
 
 
 def quantized_bytes(q: torch.Tensor, scales: torch.Tensor) -> int:

@@ -242,6 +242,12 @@ class TrainingCheckpoint:
         """The :class:`~raymoe.platform.checkpoint.tensorfile.TensorInfo` of ``name`` (a header is read once)."""
         return self._file(self.weight_map[name]).tensors[name]
 
+    def byte_range(self, name: str) -> tuple[str, int, int]:
+        """(the file's location, first byte, end byte) of tensor ``name``'s data in its safetensors file."""
+        info = self.info(name)
+        tf = self._file(info.file)
+        return tf.location, tf.data_start + info.begin, tf.data_start + info.end
+
     def _file(self, file: str) -> TensorFile:
         if file not in self._files:
             self._files[file] = TensorFile(storage.join(self.location, file))

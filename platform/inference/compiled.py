@@ -62,7 +62,7 @@ class CompiledLocalRunner(LocalRunner):
     ) -> None:
         if max_rows < 2 or not 1 <= max_run <= block_size:
             raise ValueError(f"max_rows must be >= 2 and max_run in [1, block_size], got {max_rows}, {max_run}")
-        super().__init__(model, num_blocks, block_size, cache_dtype)
+        super().__init__(model, num_blocks, block_size, cache_dtype, count=False)  # counting would break the graph
         self.max_rows, self.max_run = max_rows, max_run
         main_fn: Callable = self._main_step
         mtp_fn: Callable = self._mtp_step

@@ -11,13 +11,15 @@ forward (:mod:`raymoe.platform.model.forward`) over the paged latent cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from raymoe.platform.config import ModelConfig
 from raymoe.platform.inference.batch import StepBatch
 from raymoe.platform.inference.cache import BlockCache
 from raymoe.platform.model.attention import naive_min_run
-from raymoe.platform.model.forward import drive, head, local_experts, main_program, mtp_program
+from raymoe.platform.model.forward import ExpertCall, drive, head, local_experts, main_program, mtp_program
 from raymoe.platform.model.transformer import DeepseekV3
 
 
@@ -33,9 +35,20 @@ class LocalRunner:
         model: the model, already in its inference dtype (``prepare_for_inference``) and on its device.
         num_blocks, block_size: the cache pool.
         cache_dtype: default the model's dtype.
+        experts: what answers the forward's expert calls (default the model's own routed experts; a
+            :class:`~raymoe.platform.inference.expert_store.TieredExperts` under an expert budget).
+        count: count the tokens routed to each expert (``stats()["expert_loads"]``, ``/stats``).
     """
 
-    def __init__(self, model: DeepseekV3, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: DeepseekV3,
+        num_blocks: int,
+        block_size: int,
+        cache_dtype: torch.dtype | None = None,
+        experts: Callable[[ExpertCall], torch.Tensor] | None = None,
+        count: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.cfg: ModelConfig = model.cfg
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -49,7 +62,10 @@ class LocalRunner:
             self.device,
         )
         self.naive_min_run = naive_min_run(self.cfg)
-        self._experts = local_experts(model)
+        self.tiered = experts  # e.g. raymoe.platform.inference.expert_store.TieredExperts; None: the model's own
+        answer = experts or local_experts(model)
+        self.counts = LiveCounts(model, answer) if count else None  # off where the forward is compiled
+        self._experts = self.counts or answer
 
     @property
     def has_mtp(self) -> bool:
@@ -85,7 +101,36 @@ class LocalRunner:
         return head(self.model, h.index_select(0, logit_rows), module.shared_head.norm)
 
     def stats(self) -> dict:
-        return {"runner": "local", "param_bytes": self.param_bytes, "cache_bytes": self.cache.bytes}
+        out = {"runner": "local", "param_bytes": self.param_bytes, "cache_bytes": self.cache.bytes,
+               "expert_loads": self.counts.to_dict() if self.counts is not None else None}  # fmt: skip
+        if self.tiered is not None:
+            out |= self.tiered.stats()
+        return out
 
     def close(self) -> None:
-        pass
+        if self.tiered is not None:
+            self.tiered.close()
+
+
+class LiveCounts:
+    """Answers expert calls with ``experts`` and counts the tokens routed to each expert, per MoE layer.
+
+    ``loads`` [layers, E] float64 in the model's ``moe_by_layer`` order (main layers, then MTP modules):
+    what ``/stats`` reports as ``expert_loads``, and what :mod:`raymoe.platform.analysis.loads` calls
+    the ``serving`` source."""
+
+    def __init__(self, model: DeepseekV3, experts: Callable[[ExpertCall], torch.Tensor]) -> None:
+        self.experts = experts
+        self.layers = list(model.moe_by_layer())
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.loads = torch.zeros(len(self.layers), model.cfg.n_routed_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(len(self.layers), dtype=torch.long)
+
+    def __call__(self, call: ExpertCall) -> torch.Tensor:
+        i = self.index[call.layer]
+        self.loads[i] += torch.bincount(call.idx.reshape(-1), minlength=self.loads.shape[1]).to("cpu", torch.float64)
+        self.tokens[i] += call.idx.shape[0]
+        return self.experts(call)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "tokens": self.tokens.tolist(), "loads": self.loads.tolist()}

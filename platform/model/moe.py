@@ -149,8 +149,7 @@ class Experts(nn.Module):
         for e, w in zip(ids.tolist(), weights.to(dtype).unbind(0)):
             if e < 0:  # held by another shard
                 continue
-            gate, up = F.linear(x, self.gate_up_proj[e].to(dtype)).chunk(2, dim=-1)
-            out = F.linear(F.silu(gate) * up, self.down_proj[e].to(dtype)) * w
+            out = expert_ffn(x, self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)) * w
             y = out if y is None else y + out
         return y if y is not None else x * 0
 
@@ -184,11 +183,16 @@ class Experts(nn.Module):
         outs = []
         for e, rows in enumerate(x_sorted.split(sizes)):
             if sizes[e]:
-                gate, up = F.linear(rows, w13s[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w2s[e]))
+                outs.append(expert_ffn(rows, w13s[e], w2s[e]))
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One routed expert's SwiGLU: x [n, D] with its ``gate_up_proj`` [2I, D] and ``down_proj`` [D, I] -> [n, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 # one GEMM over all experts' row blocks (torch >= 2.10); its float32 backward fails on the CPU
