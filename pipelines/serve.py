@@ -107,6 +107,30 @@ class ServeArgs(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads of the replica (default: Ray's)")
     stream_interval_ms: int = Field(20, ge=0, description="tokens of a stream produced within it go as one event")
     compile: bool = Field(False, description="torch.compile small decode steps (local runner; ~30-60 s at start)")
+    expert_budget: str | None = Field(
+        None, description="bytes the routed experts may hold (e.g. 2GiB, or 25%): hot/warm/cold tiers (local runner)"
+    )
+    warm_dtype: Literal["fp8", "int8", "int4"] = "int8"
+    cold: Literal["offload", "quantized"] = "offload"
+    cold_dtype: Literal["fp8", "int8", "int4"] = "int4"
+    expert_policy: Literal["frequency", "uniform", "random"] = "frequency"
+    expert_eviction: Literal["lru", "lfu"] = "lru"
+    expert_prefetch: Literal["auto", "on", "off"] = "auto"
+    expert_stats: str | None = Field(None, description="expert loads JSON (default: the checkpoint's)")
+
+    @model_validator(mode="after")
+    def _tiers_run_locally(self) -> "ServeArgs":
+        if self.expert_budget is not None and (self.runner != "local" or self.compile):
+            raise ValueError("expert_budget (--expert-budget) works with the local runner, without --compile")
+        return self
+
+    def tier_config(self) -> Any:
+        """The :class:`~raymoe.platform.inference.tiers.TierConfig` of the expert flags."""
+        from raymoe.platform.inference.tiers import TierConfig
+
+        return TierConfig(budget=self.expert_budget, warm_dtype=self.warm_dtype, cold=self.cold,
+                          cold_dtype=self.cold_dtype, policy=self.expert_policy, eviction=self.expert_eviction,
+                          prefetch=self.expert_prefetch)  # fmt: skip
 
     @field_validator("parallel")
     @classmethod
@@ -246,7 +270,15 @@ def _make_runner(args: ServeArgs, served: Any) -> Any:
     from raymoe.platform.checkpoint.reader import load_model
     from raymoe.platform.devices import resolve_device
 
-    model = load_model(served.reader, dtype=dtype, device=resolve_device(args.device, "device"))
+    device = resolve_device(args.device, "device")
+    if args.expert_budget is not None:  # routed experts in tiers under the budget
+        from raymoe.platform.inference.expert_store import load_tiered
+        from raymoe.platform.inference.tiers import plan_for_checkpoint
+
+        plan = plan_for_checkpoint(served.location, served.model_config, dtype, args.tier_config(), args.expert_stats)
+        model, store = load_tiered(served.reader, plan, dtype, device)
+        return LocalRunner(model, blocks, args.block_size, experts=store)
+    model = load_model(served.reader, dtype=dtype, device=device)
     if args.compile:
         from raymoe.platform.inference.compiled import CompiledLocalRunner
 
@@ -523,6 +555,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-speculative", action="store_true", help="no MTP speculative decoding")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: Ray's, from num_cpus)")
     p.add_argument("--compile", action="store_true", help="torch.compile decode steps (slow start)")
+    g = p.add_argument_group("routed experts under a memory budget (local runner; docs/expert-tiers.md)")
+    g.add_argument("--expert-budget", metavar="SIZE",
+                   help="bytes the routed experts may hold, e.g. 2GiB or 25%% (of all of them in --dtype); the "
+                   "most-used stay in --dtype, then warm ones quantized, the rest cold")  # fmt: skip
+    g.add_argument("--warm-dtype", default="int8", help="fp8 | int8 | int4 (default int8)")
+    g.add_argument(
+        "--cold",
+        default="offload",
+        help="offload (read from the checkpoint when chosen; default) | quantized (held in --cold-dtype)",
+    )
+    g.add_argument("--cold-dtype", default="int4", help="with --cold quantized: fp8 | int8 | int4 (default int4)")
+    g.add_argument("--expert-policy", default="frequency",
+                   help="which experts rank first: frequency (the loads of --expert-stats or the checkpoint's; "
+                   "default) | uniform | random")  # fmt: skip
+    g.add_argument(
+        "--expert-stats", metavar="FILE", help="expert loads JSON (raymoe calibrate); default: the checkpoint's"
+    )
+    g.add_argument("--expert-eviction", default="lru", help="the expert cache's eviction: lru (default) | lfu")
+    g.add_argument(
+        "--prefetch",
+        default="auto",
+        help="prefetch the next layer's experts by its gate: auto (on CUDA only; default) | on | off",
+    )
     p.set_defaults(func=run)
 
 
@@ -572,9 +627,25 @@ def run(args: argparse.Namespace) -> int:
             speculative=not args.no_speculative,
             threads=args.threads,
             compile=args.compile,
+            expert_budget=args.expert_budget,
+            warm_dtype=args.warm_dtype,
+            cold=args.cold,
+            cold_dtype=args.cold_dtype,
+            expert_policy=args.expert_policy,
+            expert_eviction=args.expert_eviction,
+            expert_prefetch=args.prefetch,
+            expert_stats=absolute(args.expert_stats) if args.expert_stats else None,
         )
-        open_served(serve_args.checkpoint)
-    except (CheckpointError, ValueError, OSError) as exc:  # ValidationError is a ValueError
+        served = open_served(serve_args.checkpoint)
+        if serve_args.expert_budget is not None:  # the tiers' arithmetic and statistics, checked before Ray starts
+            import torch
+
+            from raymoe.platform.inference.tiers import plan_for_checkpoint
+
+            plan = plan_for_checkpoint(served.location, served.model_config, getattr(torch, serve_args.dtype),
+                                       serve_args.tier_config(), serve_args.expert_stats)  # fmt: skip
+            print(f"raymoe serve: {plan.summary()}")
+    except (CheckpointError, ValueError, OSError) as exc:  # ValidationError is a ValueError; ConfigError too
         print(f"raymoe serve: {_one_line(exc)}", file=sys.stderr)
         return 2
     ensure_ray()  # a local Ray started here passes this environment ($RAYMOE_API_KEY) to the replicas

@@ -119,3 +119,41 @@ def quantize_weight(w: torch.Tensor, dtype: str, group_size: int = DEFAULT_GROUP
 def quantized_bytes(q: torch.Tensor, scales: torch.Tensor) -> int:
     """The bytes a quantized weight holds: its codes and its scales."""
     return q.numel() * q.element_size() + scales.numel() * scales.element_size()
+
+
+class Int8Linear:
+    """``x @ dequantize(w).T`` computed from int8 codes, without a dequantized copy (bf16 on the CPU).
+
+    A group-wise int8 weight is a sum over its column groups of per-channel int8 products: group g's
+    codes [out, g_cols] with its scales [out] go through ``torch.ops.aten._weight_int8pack_mm`` (int8
+    weight, per-output-channel scale), and the groups' outputs are added in float32. The codes are
+    the same bytes as :class:`QuantizedWeight`'s, laid out one contiguous block per group.
+
+    Measured on the 2-core EPYC (2026-12-02, a 512 × 512 weight, bf16): 0.045 ms at 1 row and 0.13 at
+    16 against 0.54 for dequantizing it (then 0.034 for the bf16 product)."""
+
+    def __init__(self, w: QuantizedWeight) -> None:
+        if w.dtype != "int8":
+            raise ValueError(f"Int8Linear takes an int8 weight, got {w.dtype}")
+        self.cols, self.group_size = w.cols, w.group_size
+        starts = range(0, w.cols, w.group_size)
+        self.codes = [w.q[:, a : a + w.group_size].contiguous() for a in starts]
+        self.scales = [w.scales[:, g].contiguous() for g in range(len(self.codes))]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes + s.nbytes for c, s in zip(self.codes, self.scales))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, cols] bf16 -> [n, out] bf16."""
+        y = None
+        for g, (codes, scales) in enumerate(zip(self.codes, self.scales)):
+            a = g * self.group_size
+            part = torch.ops.aten._weight_int8pack_mm(x[:, a : a + codes.shape[1]].contiguous(), codes, scales)
+            y = part.float() if y is None else y + part.float()
+        return y.to(x.dtype)
+
+
+def int8_kernel_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :class:`Int8Linear` runs here: bf16 on the CPU (where it is tested)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")

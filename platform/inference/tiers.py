@@ -41,6 +41,7 @@ from raymoe.platform.plan import (
 
 POLICIES = ("frequency", "uniform", "random")
 EVICTIONS = ("lru", "lfu")
+PREFETCH = ("auto", "on", "off")
 TIERS = ("hot", "warm", "cold")
 
 
@@ -56,7 +57,7 @@ class TierConfig:
     cold_dtype: str = "int4"  # --cold-dtype (with --cold quantized)
     policy: str = "frequency"  # --expert-policy
     eviction: str = "lru"  # --expert-eviction
-    prefetch: bool = True  # --no-prefetch turns it off
+    prefetch: str = "auto"  # --prefetch on | off | auto (on CUDA only)
     group_size: int = DEFAULT_GROUP_SIZE
     seed: int = 0  # the random policy's
 
@@ -72,6 +73,8 @@ class TierConfig:
             raise ConfigError(f"--expert-policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.eviction not in EVICTIONS:
             raise ConfigError(f"--expert-eviction {self.eviction!r} is not one of {', '.join(EVICTIONS)}")
+        if self.prefetch not in PREFETCH:
+            raise ConfigError(f"--prefetch {self.prefetch!r} is not one of {', '.join(PREFETCH)}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"--group-size must be a positive integer, got {self.group_size!r}")
 
@@ -125,6 +128,13 @@ class TierPlan:
         if self.config.cold == "quantized":
             held += self.counts["cold"] * self.expert_bytes["cold"]
         return held + self.cache_bytes
+
+    def summary(self) -> str:
+        """One line: the budget and the tiers."""
+        c = self.counts
+        return (f"routed experts under {percent_of(self):.1f} % of their bytes ({_mib(self.budget_bytes)}): "
+                f"{c['hot']} hot, {c['warm']} warm ({self.config.warm_dtype}), {c['cold']} cold "
+                f"({self.config.cold}); ranked by {self.ranking}")  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary: counts, bytes, and the hot experts of each layer."""
@@ -227,3 +237,38 @@ def _mib(n: int) -> str:
 def percent_of(plan: TierPlan) -> float:
     """The budget as a percentage of all routed experts' bytes in the compute dtype."""
     return 100.0 * plan.budget_bytes / plan.routed_bytes if plan.routed_bytes else math.nan
+
+
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    """The model layer ids of the MoE layers in ``moe_by_layer`` order (main layers, then MTP modules)."""
+    from raymoe.platform.model.transformer import DeepseekV3
+
+    with torch.device("meta"):
+        return list(DeepseekV3(cfg).moe_by_layer())
+
+
+def plan_for_checkpoint(
+    location: str, cfg: ModelConfig, compute_dtype: torch.dtype, config: TierConfig, stats: str | None = None
+) -> TierPlan:
+    """:func:`plan_tiers` for the checkpoint at ``location``, ranked by ``stats`` (an expert-loads JSON,
+    :mod:`raymoe.platform.analysis.loads`) or, by default, the statistics found with the checkpoint
+    (a calibration file beside it, else the training run's counts). ConfigError names what is missing."""
+    layers = moe_layers(cfg)
+    frequency, source = None, None
+    if config.policy == "frequency" and config.budget is not None:
+        from raymoe.platform.analysis.loads import ExpertLoads, LoadsError, find_loads
+
+        try:
+            loads = ExpertLoads.load(stats) if stats else find_loads(location)
+            if loads is not None:
+                loads.check_against(cfg, stats or location)
+        except (LoadsError, OSError) as exc:
+            raise ConfigError(f"--expert-stats: {exc}") from None
+        if loads is None:
+            raise ConfigError(
+                f"--expert-policy frequency needs expert statistics, and {location} has none (no expert_loads.json "
+                "beside it, no load counts in its trainer state): run `raymoe calibrate --checkpoint ... --data ...`, "
+                "pass --expert-stats FILE, or use --expert-policy uniform"
+            )
+        frequency, source = loads.frequency(), f"{loads.source}, {loads.tokens:,} tokens"
+    return plan_tiers(cfg, layers, compute_dtype, config, frequency, source)

@@ -113,7 +113,7 @@ def test_full_budget_is_token_identical_to_plain_serving(checkpoint: str) -> Non
         {"budget": "50%", "warm_dtype": "int8"},
         {"budget": "25%", "warm_dtype": "int4", "eviction": "lfu"},
         {"budget": "12.5%", "warm_dtype": "fp8"},
-        {"budget": "40%", "warm_dtype": "int8", "cold": "quantized", "cold_dtype": "int4", "prefetch": False},
+        {"budget": "40%", "warm_dtype": "int8", "cold": "quantized", "cold_dtype": "int4", "prefetch": "off"},
         {"budget": "75%", "warm_dtype": "int8", "policy": "random"},
     ],
 )
@@ -195,7 +195,7 @@ def test_lfu_evicts_the_least_used() -> None:
 def test_prefetch_readies_the_next_layers_experts(checkpoint: str) -> None:
     """Decode steps with prefetch on: some uses are served by a prefetch, and outputs equal prefetch off."""
     outs = []
-    for prefetch in (True, False):
+    for prefetch in ("on", "off"):
         reader, plan = _plan(checkpoint, budget="25%", warm_dtype="int8", prefetch=prefetch)
         model, store = load_tiered(reader, plan, F32)
         runner = LocalRunner(model, cache_blocks(256, 16), 16, experts=store)
@@ -203,7 +203,7 @@ def test_prefetch_readies_the_next_layers_experts(checkpoint: str) -> None:
         outs.append(run_to_completion(engine, [[1, 2, 3, 4]], [SamplingParams(max_tokens=12, temperature=0.0)]))
         store.drain()
         c = store.stats()["expert_cache"]
-        if prefetch:
+        if prefetch == "on":
             assert c["prefetched"] > 0 and c["prefetch_hits"] > 0
         else:
             assert c["prefetched"] == 0 and c["prefetch_hit_rate"] is None
@@ -231,3 +231,36 @@ def test_plan_layers_must_match_the_model(checkpoint: str, tmp_path: Path) -> No
     plan.layers = plan.layers[:-1]
     with pytest.raises(ValueError, match="MoE layers"):
         load_tiered(reader, plan, F32)
+
+
+def test_int8_kernel_equals_the_dequantized_product() -> None:
+    """Int8Linear (the int8 codes through the int8 kernel, group by group) against x @ dequantize(w).T, bf16."""
+    from raymoe.platform.checkpoint.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    for out, cols, group in ((96, 320, 128), (64, 64, 128), (32, 256, 64)):  # a partial group, one group, many
+        w = quantize_weight(torch.randn(out, cols, generator=g) * 0.05, "int8", group)
+        x = torch.randn(5, cols, generator=g).bfloat16()
+        want = (x.float() @ w.dequantize(F32).T).bfloat16()
+        got = Int8Linear(w)(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (5, out)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)  # bf16 ulps at ~1
+        assert Int8Linear(w).nbytes == w.nbytes
+
+
+def test_bf16_int8_experts_go_through_the_kernel(checkpoint: str) -> None:
+    """In bf16 on the CPU, warm int8 experts are computed from their codes (no copy), close to the effective model."""
+    reader, plan = _plan(checkpoint, torch.bfloat16, budget="50%", warm_dtype="int8")
+    model, store = load_tiered(reader, plan, torch.bfloat16)
+    assert sum(len(le.direct) for le in store.layers.values()) == plan.counts["warm"] > 0
+    assert all(not le.warm for le in store.layers.values())
+    ref = _effective_model(checkpoint, plan, torch.bfloat16)
+    layer = plan.layers[0]
+    x = torch.randn(8, 64).bfloat16()
+    idx = torch.stack([torch.arange(8), (torch.arange(8) + 3) % 8], dim=1)
+    weights = torch.rand(8, 2)
+    got = store(ExpertCall(layer, x, idx, weights))
+    want = ref.moe_by_layer()[layer].experts(x, idx, weights)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-3)
+    assert store.counters["direct"] == len(plan.ids(layer, "warm"))
+    assert store.counters["uses"] == len(plan.ids(layer, "cold"))
