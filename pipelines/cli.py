@@ -21,7 +21,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 SUBCOMMANDS = (
     "info", "prepare-data", "generate", "pretrain", "finetune", "resize", "export", "serve", "demo", "experiment",
-    "analyze", "bench", "ui",
+    "analyze", "calibrate", "bench", "ui",
 )  # fmt: skip
 
 

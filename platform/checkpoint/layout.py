@@ -43,6 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_SINGLE_FILE = "model.safetensors"
+LOADS_FILE = "expert_loads.json"  # a calibration's expert loads, beside the checkpoint (raymoe.platform.analysis.loads)
 DELTA_FILE = "delta.json"  # a fine-tune's changed tensors over its base (raymoe.platform.checkpoint.delta)
 
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")

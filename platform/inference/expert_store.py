@@ -18,7 +18,8 @@ time), and for its cold ones only where their bytes are. :class:`TieredExperts` 
    slower, never absent;
 3. with prefetch, before computing, the next MoE layer's gate is applied to this layer's rows and
    the experts it would choose are made ready in the cache by a background thread (Mixtral-
-   offloading's speculative prefetch), as many as fit beside the pinned copies; the prefetch hit
+   offloading's speculative prefetch), as many as fit beside the pinned copies, their room reserved
+   and the copies pinned until that layer's call; the prefetch hit
    rate counts how often a chosen expert was ready because of it. ``auto`` turns it on on CUDA
    only: on the 2-core CPU the thread took batch-1 decode of the bench checkpoint at 25 % from 65
    to 25 tokens/s (2026-12-02), a cold read from the page cache costing less than the contention.
@@ -85,7 +86,8 @@ class ExpertCache:
         self.uses: collections.Counter[Key] = collections.Counter()
         self.entries: collections.OrderedDict[Key, _Copy] = collections.OrderedDict()
         self.pinned: collections.Counter[Key] = collections.Counter()
-        self.used = 0
+        self.used = 0  # copies held and bytes reserved
+        self.reserved: dict[Key, int] = {}  # bytes set aside for copies a prefetch is making
         self.evictions = 0
         self.lock = threading.RLock()
 
@@ -96,11 +98,6 @@ class ExpertCache:
             if copy is not None:
                 self.entries.move_to_end(key)
             return copy
-
-    def room(self) -> int:
-        """Bytes a new copy may take: the capacity less what the pinned copies hold."""
-        with self.lock:
-            return self.capacity - sum(c.nbytes for k, c in self.entries.items() if self.pinned[k])
 
     def has(self, key: Key) -> bool:
         with self.lock:
@@ -118,24 +115,47 @@ class ExpertCache:
     def put(self, key: Key, copy: _Copy) -> bool:
         """Keep ``copy`` under ``key``, evicting unpinned copies as needed; False (nothing kept) when it cannot fit."""
         with self.lock:
+            self.release(key)
             if key in self.entries:
                 return True
-            need = copy.nbytes - (self.capacity - self.used)
-            if need > 0:
-                victims, freed = [], 0
-                for k in self._eviction_order():
-                    if freed >= need:
-                        break
-                    victims.append(k)
-                    freed += self.entries[k].nbytes
-                if freed < need:
-                    return False
-                for k in victims:
-                    self.used -= self.entries.pop(k).nbytes
-                    self.evictions += 1
+            if not self._make_room(copy.nbytes):
+                return False
             self.entries[key] = copy
             self.used += copy.nbytes
             return True
+
+    def reserve(self, key: Key, nbytes: int) -> bool:
+        """Set ``nbytes`` aside for ``key``'s coming copy (a prefetch), evicting unpinned copies as needed."""
+        with self.lock:
+            if key in self.entries or key in self.reserved:
+                return False
+            if not self._make_room(nbytes):
+                return False
+            self.reserved[key] = nbytes
+            self.used += nbytes
+            return True
+
+    def release(self, key: Key) -> None:
+        """Give back what :meth:`reserve` set aside for ``key`` (if anything)."""
+        with self.lock:
+            self.used -= self.reserved.pop(key, 0)
+
+    def _make_room(self, nbytes: int) -> bool:
+        need = nbytes - (self.capacity - self.used)
+        if need <= 0:
+            return True
+        victims, freed = [], 0
+        for k in self._eviction_order():
+            if freed >= need:
+                break
+            victims.append(k)
+            freed += self.entries[k].nbytes
+        if freed < need:
+            return False
+        for k in victims:
+            self.used -= self.entries.pop(k).nbytes
+            self.evictions += 1
+        return True
 
     def _eviction_order(self) -> list[Key]:
         free = [k for k in self.entries if not self.pinned[k]]
@@ -253,6 +273,7 @@ class TieredExperts:
         self.prefetch = wanted and not plan.all_hot
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "raymoe-prefetch") if self.prefetch else None
         self._pending: dict[Key, concurrent.futures.Future] = {}
+        self._prefetch_pins: dict[int, list[Key]] = {}  # per layer: prefetched copies kept until its next call
         self._lock = threading.Lock()
 
     def set_next_layers(self, next_layer: dict[int, int]) -> None:
@@ -272,6 +293,8 @@ class TieredExperts:
         others = sorted(set(idx[local < 0].tolist()))
         keys = [(call.layer, e) for e in others if e not in le.direct]
         self.cache.pin(keys)
+        with self._lock:  # what was prefetched for this call and is not chosen may go now
+            self.cache.unpin(self._prefetch_pins.pop(call.layer, []))
         try:
             if self.prefetch:
                 self._prefetch(call)
@@ -334,13 +357,17 @@ class TieredExperts:
         le = self.layers[nxt]
         _, idx, _ = self.gates[nxt](call.x)
         wanted = sorted(set(idx.reshape(-1).tolist()) - set((le.hot_local >= 0).nonzero().squeeze(1).tolist()))
-        wanted = [e for e in wanted if e not in le.direct]
-        room = self.cache.room() // self.plan.expert_bytes["hot"]  # copies that fit beside the pinned ones
-        for e in wanted[:room]:
+        for e in wanted:
+            if e in le.direct:
+                continue
             key = (nxt, e)
             with self._lock:
                 if key in self._pending or self.cache.has(key):
                     continue
+                if not self.cache.reserve(key, self.plan.expert_bytes["hot"]):
+                    break  # no room beside the copies in use: the rest would be made when chosen
+                self.cache.pin([key])  # until the next layer's call: this layer's misses must not evict it
+                self._prefetch_pins.setdefault(nxt, []).append(key)
                 self.counters["prefetched"] += 1
                 self._pending[key] = self._pool.submit(self._prefetch_one, le, e)
 
@@ -348,6 +375,7 @@ class TieredExperts:
         try:
             self.cache.put((le.layer, e), self._make(le, e, prefetched=True))
         except Exception:  # a failed prefetch costs the use a miss, nothing else
+            self.cache.release((le.layer, e))
             logger.exception("prefetch of layer %d expert %d failed", le.layer, e)
 
     # -- numbers ----------------------------------------------------------------------------

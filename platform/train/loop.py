@@ -26,7 +26,7 @@ import torch
 
 from raymoe.platform import storage
 from raymoe.platform.checkpoint.layout import TOKENIZER_FILE, latest_checkpoint
-from raymoe.platform.config import ConfigError, RaymoeConfig, config_to_dict, flatten
+from raymoe.platform.config import ConfigError, ModelConfig, RaymoeConfig, config_to_dict, flatten
 from raymoe.platform.data.loader import ShardLoader, iter_batches, to_batch
 from raymoe.platform.train.trainer import LocalTrainer, StepMetrics, StepRewound
 
@@ -139,6 +139,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
     tc = cfg.train
     run_id = None
     record = SampleRecord(Path(output) / SAMPLES_FILE) if cfg.data.record_samples else None
+    loads = RunLoads(cfg.model)
     if resume:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
@@ -147,6 +148,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
             state = trainer.load_checkpoint(ckpt)
             loader.load_state_dict(state["loader"])
             run_id = state.get("mlflow_run_id")
+            loads.resume(state.get("expert_loads"), ckpt)
             logger.info("resumed from %s at step %d", ckpt, trainer.step)
     if record is not None:
         record.truncate(trainer.step)  # steps after the checkpoint are done again
@@ -163,7 +165,8 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
     boundary = getattr(trainer, "at_step_boundary", None)  # the elastic graph grows or resizes between steps
 
     def checkpoint() -> str:
-        state = {"loader": loader.state_dict(), "mlflow_run_id": tracker.run_id}  # the trainer adds its config
+        state = {"loader": loader.state_dict(), "mlflow_run_id": tracker.run_id,  # the trainer adds its config
+                 "expert_loads": loads.to_dict(trainer.step)}  # fmt: skip
         return trainer.save_checkpoint(ckpt_root, state, extra)
 
     losses: dict[int, float] = {}
@@ -190,6 +193,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
                     if record is not None:
                         record.add(step, epoch, indices)
                     losses[step] = m.loss
+                    loads.add(step, m.loads)
                     vios[step] = float(m.max_vio.mean()) if m.max_vio.numel() else 0.0
                     if step > start:  # the first step pays one-time costs
                         tokens, seconds = tokens + m.tokens, seconds + m.seconds
@@ -228,6 +232,7 @@ def _pretrain(cfg, trainer, loader, data_dir, output, ckpt_root, resume, progres
                         record.truncate(trainer.step)
                     for s in [s for s in losses if s >= trainer.step]:
                         del losses[s], vios[s]
+                    loads.drop_from(trainer.step)
                     bar.n = trainer.step
             bar.close()
         val_loss, vio = evaluate(trainer, data_dir, eval_batch, eval_batches)
@@ -298,3 +303,44 @@ def _log(m: StepMetrics) -> None:
         m.step, m.loss, m.main_loss, f"{m.mtp_loss:.4f}" if m.mtp_loss is not None else "-", m.lr,
         float(m.max_vio.mean()) if m.max_vio.numel() else 0.0, m.bias_min, m.bias_max, m.tokens_per_s,
     )  # fmt: skip
+
+
+class RunLoads:
+    """The tokens routed to each expert over a run, per step (so that a rewind drops the steps it redoes),
+    on top of what a resumed checkpoint had counted; saved in each checkpoint as ``expert_loads``
+    (:class:`~raymoe.platform.analysis.loads.ExpertLoads`, source ``training``)."""
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        from raymoe.platform.inference.tiers import moe_layers
+
+        self.layers = moe_layers(model_cfg) if model_cfg.n_routed_experts > 0 else []
+        self.top_k = max(model_cfg.num_experts_per_tok, 1)
+        self.base = torch.zeros(len(self.layers), max(model_cfg.n_routed_experts, 0), dtype=torch.float64)
+        self.base_steps = 0
+        self.steps: dict[int, torch.Tensor] = {}
+
+    def resume(self, saved: dict | None, where: str) -> None:
+        """Start from a checkpoint's counts (ignored when they are of another model)."""
+        from raymoe.platform.analysis.loads import ExpertLoads
+
+        if saved is not None:
+            got = ExpertLoads.from_dict(saved, f"{where} expert_loads")
+            if got.layers == self.layers and got.loads.shape == self.base.shape:
+                self.base, self.base_steps = got.loads, int(got.detail.get("steps", 0))
+
+    def add(self, step: int, loads: torch.Tensor) -> None:
+        if loads.shape == self.base.shape:
+            self.steps[step] = loads.double().cpu()
+
+    def drop_from(self, step: int) -> None:
+        for s in [s for s in self.steps if s >= step]:
+            del self.steps[s]
+
+    def to_dict(self, step: int) -> dict:
+        """The counts of every step before ``step`` (the checkpoint's), JSON-ready."""
+        from raymoe.platform.analysis.loads import ExpertLoads
+
+        counted = [s for s in self.steps if s < step]
+        total = self.base + sum((self.steps[s] for s in counted), torch.zeros_like(self.base))
+        tokens = round(float(total[0].sum()) / self.top_k) if total.numel() else 0  # rows through a main layer
+        return ExpertLoads(self.layers, total, tokens, "training", {"steps": self.base_steps + len(counted)}).to_dict()

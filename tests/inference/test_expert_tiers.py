@@ -264,3 +264,16 @@ def test_bf16_int8_experts_go_through_the_kernel(checkpoint: str) -> None:
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-3)
     assert store.counters["direct"] == len(plan.ids(layer, "warm"))
     assert store.counters["uses"] == len(plan.ids(layer, "cold"))
+
+
+def test_a_reservation_holds_room_for_a_prefetch() -> None:
+    """What a prefetch reserved cannot be taken by another copy; its own copy then fills it."""
+    cache = ExpertCache(capacity=64)
+    assert cache.put((0, 0), _copy())
+    cache.pin([(0, 0)])
+    assert cache.reserve((0, 1), 32)  # the last 32 bytes
+    assert not cache.put((0, 2), _copy()) and cache.used == 64  # a miss cannot take the reserved room
+    assert not cache.reserve((0, 3), 32)
+    assert cache.put((0, 1), _copy()) and cache.used == 64 and not cache.reserved
+    cache.release((0, 1))  # nothing reserved any more: a no-op
+    assert cache.used == 64

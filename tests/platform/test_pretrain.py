@@ -85,7 +85,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data: Path, tmp_path: Path)
     assert resumed.checkpoint.endswith("step_00000010") and full.checkpoint.endswith("step_00000010")
     a, b = _tensors(full.checkpoint), _tensors(resumed.checkpoint)  # the model and AdamW's state
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for key in ("loader", "rng", "biases", "step"):
+    for key in ("loader", "rng", "biases", "step", "expert_loads"):  # the run's expert loads: counted once per step
         assert _state(resumed.checkpoint)[key] == _state(full.checkpoint)[key], key
     # the resumed run continues the same MLflow run: every step's loss is there once
     from mlflow.tracking import MlflowClient
