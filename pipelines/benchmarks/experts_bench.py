@@ -10,9 +10,11 @@ first with :func:`raymoe.platform.analysis.loads.calibrate`; uniform; random), a
 model on the eager runner and (``--compile``, the default) on the compiled decode runner, the
 fastest full-precision configuration. For each, in a fresh process:
 
-- **resident memory, measured**: the process's anonymous resident bytes (``RssAnon``) after loading,
-  its peak (``VmHWM``), and the expert tensors it holds (hot, warm, the cache's copies at the end);
-  memory-mapped cold experts' pages are file-backed (``RssFile``), reported apart;
+- **resident memory, measured**: the growth of the process's anonymous resident bytes (``RssAnon``)
+  from before loading to after loading, and to the end (decode workspaces and what the allocator
+  kept of transient copies), its peak (``VmHWM``), and the expert tensors it holds (hot, warm, the
+  cache's copies at the end); memory-mapped cold experts' pages are file-backed (``RssFile``),
+  in the JSON apart;
 - **tok/s** of greedy decode at batch 1 and 16 (``--new-tokens`` each, MTP drafts off, medians of
   ``--repeats`` runs after a warm-up);
 - **held-out perplexity** over ``--eval-sequences`` validation sequences, and **greedy-token
@@ -142,7 +144,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
 
     dtype = getattr(torch, job["dtype"])
     rows = _eval_rows(job["data"], job["eval_sequences"])
-    served = open_served(job["checkpoint"])
+    served = open_served(job["checkpoint"], tokenizer_required=False)  # token ids only
     before = rss_bytes()
     t0 = time.perf_counter()
     blocks, block = cache_blocks(job["cache_tokens"], 16), 16
@@ -248,12 +250,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["b16_ratio"] = r["b16"]["tokens_per_s"] / full["b16"]["tokens_per_s"]
         r["held_fraction"] = r["expert_held_bytes"] / full["expert_held_bytes"]
     goal = [r for r in rows if r["budget"] == GOAL_BUDGET and r["policy"] == "frequency"]
+    best_b1 = max(r["b1"]["tokens_per_s"] for r in rows if r["budget"] is None)  # eager or compiled
     return {
         "checkpoint": checkpoint, "data": data, "dtype": args.dtype, "warm_dtype": args.warm_dtype,
         "cold": args.cold, "eviction": args.eviction, "prefetch": args.prefetch,
         "rows": rows, "seconds": time.perf_counter() - t_start,
         "goal": None if not goal else {
             "ppl_increase": goal[0]["ppl_increase"], "b1_ratio": goal[0]["b1_ratio"],
+            "b1_ratio_best": goal[0]["b1"]["tokens_per_s"] / best_b1,
             "met": goal[0]["ppl_increase"] <= GOAL_PPL_INCREASE and goal[0]["b1_ratio"] >= GOAL_B1_RATIO,
         },
         "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
@@ -269,15 +273,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"bench experts: {report['checkpoint']} ({report['dtype']}; warm {report['warm_dtype']}, cold "
         f"{report['cold']}, {report['eviction']}, prefetch {report['prefetch']}); "
         f"{report['seconds']:.0f} s",
-        "| configuration | hot/warm/cold | expert MiB held | RssAnon MiB | ppl | Δ ppl % | agree % | b1 tok/s "
-        "| b1 × full | b16 tok/s | b16 × full | cache hit % | prefetch hit % |",
+        "| configuration | hot/warm/cold | expert MiB held | RssAnon MiB loaded / end | ppl | Δ ppl % | agree % "
+        "| b1 tok/s | b1 × full | b16 tok/s | b16 × full | cache hit % | prefetch hit % |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["rows"]:
         t = r["tiers"]
         tiers = "–" if t.get("hot") is None else f"{t['hot']}/{t['warm']}/{t['cold']}"
         lines.append(
-            f"| {r['name']} | {tiers} | {r['expert_held_bytes'] / 2**20:.1f} | {r['rss_anon_end'] / 2**20:.0f} "
+            f"| {r['name']} | {tiers} | {r['expert_held_bytes'] / 2**20:.1f} "
+            f"| {r['rss_anon_loaded'] / 2**20:.0f} / {r['rss_anon_end'] / 2**20:.0f} "
             f"| {r['ppl']:.3f} | {100 * r['ppl_increase']:+.2f} | {_pct(r['agreement'])} "
             f"| {r['b1']['tokens_per_s']:.1f} | {r['b1_ratio']:.2f} | {r['b16']['tokens_per_s']:.1f} "
             f"| {r['b16_ratio']:.2f} | {_pct(r['b1'].get('hit_rate'))} | {_pct(r['b1'].get('prefetch_hit_rate'))} |"
@@ -285,7 +290,8 @@ def format_table(report: dict[str, Any]) -> str:
     g = report.get("goal")
     if g:
         lines.append(f"goal at {GOAL_BUDGET:g} % (frequency): ppl {100 * g['ppl_increase']:+.2f} % (≤ +2 %), batch-1 "
-                     f"{g['b1_ratio']:.2f} × full eager (≥ 0.60): {'met' if g['met'] else 'NOT met'}")  # fmt: skip
+                     f"{g['b1_ratio']:.2f} × full eager (≥ 0.60): {'met' if g['met'] else 'NOT met'}; "
+                     f"{g['b1_ratio_best']:.2f} × the fastest full-precision configuration")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -85,3 +85,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def stubbed_serve(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """``raymoe serve`` with Ray, Serve and the wait stubbed: (what was started, the apps bound)."""
+    import types
+
+    from raymoe.pipelines import serve as serve_cli
+
+    started, bound = [], []
+    monkeypatch.setattr("raymoe.actors.runtime.ensure_ray", lambda: started.append("ray"))
+    monkeypatch.setattr(serve_cli.serve, "start", lambda **kw: started.append("serve"))
+    monkeypatch.setattr(serve_cli.serve, "run", lambda app, **kw: bound.append(app))
+    monkeypatch.setattr(serve_cli.serve, "shutdown", lambda: None)
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, at once
+
+    monkeypatch.setattr(serve_cli, "time", types.SimpleNamespace(sleep=interrupt))
+    return started, bound

@@ -236,24 +236,12 @@ def test_serve_config_is_the_builders_defaults() -> None:
 
 
 def test_raymoe_serve_flags_become_the_apps_args(
-    monkeypatch: pytest.MonkeyPatch, served_checkpoint: Path, capsys: pytest.CaptureFixture
+    stubbed_serve: tuple[list, list], served_checkpoint: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """``raymoe serve --runner graph --pp 2 --ep 2`` (was ``--engine``); a wrong checkpoint fails before Ray starts."""
-    import types
-
     from raymoe.pipelines import cli
-    from raymoe.pipelines import serve as serve_cli
 
-    started, bound = [], []
-    monkeypatch.setattr("raymoe.actors.runtime.ensure_ray", lambda: started.append("ray"))
-    monkeypatch.setattr(serve_cli.serve, "start", lambda **kw: started.append("serve"))
-    monkeypatch.setattr(serve_cli.serve, "run", lambda app, **kw: bound.append(app))
-    monkeypatch.setattr(serve_cli.serve, "shutdown", lambda: None)
-
-    def interrupt(seconds: float) -> None:
-        raise KeyboardInterrupt  # Ctrl-C, at once
-
-    monkeypatch.setattr(serve_cli, "time", types.SimpleNamespace(sleep=interrupt))
+    started, bound = stubbed_serve
     argv = ["serve", "--checkpoint", str(served_checkpoint), "--dtype", "float32"]
     assert cli.main([*argv, "--runner", "graph", "--pp", "2", "--ep", "2"]) == 0
     (args,) = bound[0]._bound_deployment.init_args
