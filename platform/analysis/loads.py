@@ -2,8 +2,8 @@
 
 - **training**: the tokens routed to each expert over a training run, summed by the training loop
   (:mod:`raymoe.platform.train.loop`) and saved in every checkpoint's ``trainer_state.json`` under
-  ``expert_loads``. With auxiliary-loss-free balancing these are near uniform by design: the bias
-  moves load from busy experts to idle ones on the training distribution;
+  ``expert_loads``. Auxiliary-loss-free balancing pushes them toward uniform on the training
+  distribution, but the sum includes the steps before the biases settled;
 - **calibration**: :func:`calibrate`, a forward without gradients over a sample of prepared data on
   the local engine (one process), counting every MoE layer's routing: ``raymoe calibrate``, written
   as :data:`~raymoe.platform.checkpoint.layout.LOADS_FILE` beside the checkpoint by default;
