@@ -16,6 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command line imports torch only when a command runs
+    from raymoe.platform.analysis.loads import ExpertLoads
+    from raymoe.platform.config import ModelConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def summary(loads, num_hidden_layers: int, top: int = 3) -> list[str]:  # noqa: ANN001
-    """One line per MoE layer: tokens, the ``top`` hottest experts' shares, max/mean load."""
+def summary(loads: ExpertLoads, cfg: ModelConfig, top: int = 3) -> list[str]:
+    """One line per MoE layer: the token rows it routed, the ``top`` hottest experts' shares, max/mean load."""
     from raymoe.platform.plots import layer_name
 
     freq = loads.frequency()
@@ -42,9 +47,11 @@ def summary(loads, num_hidden_layers: int, top: int = 3) -> list[str]:  # noqa: 
         row = freq[i]
         best = row.argsort(descending=True)[:top].tolist()
         hot = ", ".join(f"{e} {100 * float(row[e]):.1f} %" for e in best)
+        rows = round(float(loads.loads[i].sum()) / max(cfg.num_experts_per_tok, 1))
         mean = float(loads.loads[i].mean())
         ratio = float(loads.loads[i].max()) / mean if mean else float("nan")
-        lines.append(f"  {layer_name(layer, num_hidden_layers):>8}: hottest {hot}; max/mean {ratio:.2f}")
+        lines.append(f"  {layer_name(layer, cfg.num_hidden_layers):>8}: {rows:,} tokens; hottest {hot}; "
+                     f"max/mean {ratio:.2f}")  # fmt: skip
     return lines
 
 
@@ -77,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"raymoe calibrate: {loads.tokens:,} tokens ({loads.detail['sequences']} sequences of {args.data}) in "
           f"{time.perf_counter() - t0:.1f} s; wrote {out}")  # fmt: skip
-    for line in summary(loads, reader.model_config.num_hidden_layers):
+    for line in summary(loads, reader.model_config):
         print(line)
     return 0

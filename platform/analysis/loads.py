@@ -174,6 +174,7 @@ def calibrate(
     if not layers:
         raise LoadsError(f"checkpoint {location} has no MoE layers: there is no routing to count")
     counter = LoadCounter(layers, model.cfg.n_routed_experts)
+    counts = torch.zeros(len(layers), model.cfg.n_routed_experts, dtype=torch.float64)  # [L, E]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(store), generator=g)[: batches * batch_size]
     t0 = time.perf_counter()
@@ -181,8 +182,10 @@ def calibrate(
     for chunk in order.split(batch_size):  # the model in ``dtype`` (routers float32), as served
         input_ids, labels = to_batch(store.rows(chunk))
         loss(model, input_ids, labels, mtp_lambda=1.0, hooks=counter)
+        counts += counter.loads().double()  # summed in float64: the counter's float32 is exact to 2^24 only
+        counter.reset()
         tokens += input_ids.numel()
     detail = {"checkpoint": str(location), "data": str(data), "split": split, "sequences": len(order),
               "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.perf_counter() - t0, 2),
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    return ExpertLoads(layers, counter.loads().double(), tokens, "calibration", detail)
+    return ExpertLoads(layers, counts, tokens, "calibration", detail)

@@ -329,8 +329,14 @@ class RunLoads:
                 self.base, self.base_steps = got.loads, int(got.detail.get("steps", 0))
 
     def add(self, step: int, loads: torch.Tensor) -> None:
-        if loads.shape == self.base.shape:
-            self.steps[step] = loads.double().cpu()
+        if self.base.numel() == 0:  # no routed experts: nothing to count
+            return
+        if loads.shape != self.base.shape:  # a trainer's bug: counts of other layers would rank the wrong experts
+            raise ValueError(
+                f"step {step}: the trainer's loads are {list(loads.shape)}; the model's MoE layers {self.layers} "
+                f"and experts need {list(self.base.shape)}"
+            )
+        self.steps[step] = loads.double().cpu()
 
     def drop_from(self, step: int) -> None:
         for s in [s for s in self.steps if s >= step]:

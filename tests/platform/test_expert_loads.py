@@ -1,5 +1,6 @@
 """Expert load statistics (issue 17 §1): the format, the training run's counts in its checkpoints, a
-calibration pass against a count by hand, where serving finds them, and ``raymoe calibrate``."""
+calibration pass against a count by hand, and where serving finds them (``raymoe calibrate``:
+tests/pipelines/test_calibrate_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raymoe.pipelines.cli import main as cli
 from raymoe.platform.analysis.loads import ExpertLoads, LoadsError, calibrate, find_loads, loads_file, training_loads
-from raymoe.platform.checkpoint.layout import STATE_FILE
+from raymoe.platform.checkpoint.layout import STATE_FILE, latest_checkpoint
 from raymoe.platform.checkpoint.reader import load_model
 from raymoe.platform.config import ConfigError, load_config
 from raymoe.platform.data.loader import ShardStore, to_batch
@@ -19,12 +19,15 @@ from raymoe.platform.inference.tiers import TierConfig, plan_for_checkpoint
 from raymoe.platform.model.forward import loss
 from raymoe.platform.train.balance import LoadCounter
 from raymoe.platform.train.loop import pretrain
+from raymoe.platform.train.trainer import LocalTrainer, StepRewound
+
+RUN = ["train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """A 4-step tiny pretraining run, with every step's metrics."""
-    cfg = load_config("tiny", ["train.steps=4", "train.checkpoint_every=2", "tracking.enabled=false"])
+    cfg = load_config("tiny", RUN)
     steps = []
     result = pretrain(cfg, tiny_data, tmp_path_factory.mktemp("loads") / "run", progress=False, on_step=steps.append)
     return result, steps
@@ -65,6 +68,31 @@ def test_training_counts_are_in_every_checkpoint(run) -> None:  # noqa: ANN001
     first = json.loads(Path(result.checkpoint).parent.joinpath("step_00000002", STATE_FILE).read_text())
     assert torch.equal(torch.tensor(first["expert_loads"]["loads"], dtype=torch.float64),
                        sum(m.loads.double() for m in steps[:2]))  # fmt: skip
+
+
+class FailsOnce(LocalTrainer):
+    """A local trainer whose step ``at`` fails once, after which it restores its latest checkpoint and
+    says so by StepRewound, as the elastic graph does."""
+
+    def __init__(self, cfg, root: Path, at: int) -> None:  # noqa: ANN001
+        super().__init__(cfg)
+        self.root, self.at, self.failed = root, at, False
+
+    def train_step(self, micro_batches):  # noqa: ANN001, ANN201
+        if self.step == self.at and not self.failed:
+            self.failed = True
+            raise StepRewound("injected failure", self.load_checkpoint(latest_checkpoint(str(self.root))))
+        return super().train_step(micro_batches)
+
+
+def test_a_rewound_step_is_counted_once(run, tiny_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    cfg = load_config("tiny", RUN)
+    trainer, steps = FailsOnce(cfg, tmp_path, at=3), []  # step 2 is done, then redone from the step-2 checkpoint
+    result = pretrain(cfg, tiny_data, tmp_path, progress=False, on_step=steps.append, trainer=trainer)
+    assert trainer.failed and [m.step for m in steps] == [0, 1, 2, 2, 3]
+    got, undisturbed = training_loads(result.checkpoint), training_loads(run[0].checkpoint)
+    assert got.detail["steps"] == 4 and torch.equal(got.loads, undisturbed.loads)  # the redone step's loads once
+    assert not torch.equal(got.loads, sum(m.loads.double() for m in steps))
 
 
 def test_calibration_equals_a_count_by_hand(run, tiny_data: Path) -> None:  # noqa: ANN001
@@ -115,17 +143,3 @@ def test_frequency_without_statistics_is_named(tmp_path: Path) -> None:
     (tmp_path / "l.json").write_text(json.dumps({"version": 1}))
     with pytest.raises(ConfigError, match="--expert-stats: .*l.json"):
         plan_for_checkpoint(hf, cfg, torch.float32, TierConfig(budget="50%"), str(tmp_path / "l.json"))
-
-
-def test_calibrate_command(run, tiny_data: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    result, _ = run
-    out = tmp_path / "loads.json"
-    assert cli(["calibrate", "--checkpoint", result.checkpoint, "--data", str(tiny_data), "--batches", "1",
-                "--batch-size", "2", "--out", str(out)]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "64 tokens" in printed and "MTP 1: hottest" in printed and "layer 1: hottest" in printed
-    assert ExpertLoads.load(str(out)).source == "calibration"
-    assert cli(["calibrate", "--checkpoint", str(tmp_path / "nowhere"), "--data", str(tiny_data)]) == 2
-    assert "nowhere" in capsys.readouterr().err
-    assert cli(["calibrate", "--checkpoint", result.checkpoint, "--data", str(tmp_path)]) == 2
-    assert str(tmp_path) in capsys.readouterr().err
