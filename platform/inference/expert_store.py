@@ -265,7 +265,6 @@ class TieredExperts:
         self.source = cold_source
         self.dtype, self.device = dtype, device
         self.next_layer: dict[int, int] = {}  # which MoE layer follows which (set_next_layers)
-        self.index = {layer: i for i, layer in enumerate(plan.layers)}
         self.cache = ExpertCache(plan.cache_bytes, plan.config.eviction)
         self.counters: collections.Counter[str] = collections.Counter()
         self.fetch_seconds = 0.0
