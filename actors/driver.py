@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from raymoe.actors.messages import BackwardRefs, StageRefs, TrainInput
-from raymoe.actors.placement import Placement, build_placement
+from raymoe.actors.placement import Placement, placement_for
 from raymoe.actors.runtime import GraphError, actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import Stage
@@ -63,7 +63,8 @@ class GraphTrainer:
     Args:
         cfg: the run's config; ``cfg.parallel`` gives dp, pp, ep, micro-batches per replica,
             resources per actor and the wait timeouts.
-        placement: where layers and experts live (default: even contiguous splits).
+        placement: where layers and experts live (default: ``parallel.expert_placement``'s, see
+            :func:`~raymoe.actors.placement.placement_for`).
         in_process: run the actors as plain objects in this process (no Ray).
     """
 
@@ -72,7 +73,7 @@ class GraphTrainer:
     def __init__(self, cfg: RaymoeConfig, placement: Placement | None = None, in_process: bool = False) -> None:
         self.cfg = cfg
         p = cfg.parallel
-        self.placement = placement or build_placement(cfg.model, p)
+        self.placement = placement or placement_for(cfg)
         self.dp, self.pp, self.ep = p.dp, self.placement.pp, self.placement.ep
         self.colocated = self.dp == self.pp == self.ep == 1 and placement is None
         self.step = 0
@@ -145,6 +146,7 @@ class GraphTrainer:
             "graph.actors": len(self.actors()), "graph.colocated": self.colocated,
             "graph.stage_layers": str([list(b) for b in self.placement.stage_bounds]),
             "graph.experts_per_shard": str(experts if self.placement.moe_layers else []),
+            "graph.expert_placement": self.cfg.parallel.expert_placement,
         }  # fmt: skip
         out |= {f"graph.param_bytes.{key}": n for key, n in zip(self.actor_keys(), self.param_bytes.values())}
         return out

@@ -10,6 +10,15 @@ dispatch to the shards and back) is submitted at once; the runner waits once, fo
 
 Every wait has a timeout; a dead actor is a :class:`~raymoe.actors.runtime.GraphError` naming it,
 which ends the engine (and, under Serve, the replica, which Serve replaces).
+
+**Hot experts and live re-placement.** The stages count the tokens routed to each expert, the
+shards the (row, expert) pairs they compute. With ``rebalance_every=N`` the runner recomputes the
+placement from the counts of the last N steps before every N-th step
+(:func:`~raymoe.actors.placement.balanced_placement`, with ``redundant`` extra copies of the
+hottest experts per layer) and applies it there, between two steps: the shards pass each other
+the experts that move (actor to actor, never through the runner), then every stage routes by the
+new placement. The sequences in flight and their latent caches stay where they are (on the
+stages), so no request notices but for one slower step.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 
 from raymoe.actors.driver import actor_options
 from raymoe.actors.messages import InferInput, StageOutput, StageRefs
-from raymoe.actors.placement import build_placement
+from raymoe.actors.placement import Placement, balanced_placement, build_placement, imbalance, shard_loads
 from raymoe.actors.runtime import actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import ServingSpec, Stage
@@ -48,6 +57,10 @@ class GraphRunner:
         start_timeout_s: the longest wait for the actors to start (they import torch and load weights).
         num_cpus_per_actor, num_gpus_per_actor: Ray resources of each actor.
         placement: the placement group's strategy: ``auto``, ``PACK`` or ``SPREAD`` over the nodes.
+        expert_loads: [MoE layers, E] loads to place the experts by at the start
+            (:func:`~raymoe.actors.placement.balanced_placement`; None: contiguous blocks).
+        redundant: extra expert copies per MoE layer whenever the runner places by loads.
+        rebalance_every: re-place the experts from the live counts every this many steps (0: never).
     """
 
     def __init__(
@@ -66,13 +79,26 @@ class GraphRunner:
         num_cpus_per_actor: float = 0.0,
         num_gpus_per_actor: float = 0.0,
         placement: str = "auto",
+        expert_loads: torch.Tensor | None = None,
+        redundant: int = 0,
+        rebalance_every: int = 0,
     ) -> None:
         parallel = ParallelConfig(pp=pp, ep=ep, num_cpus_per_actor=num_cpus_per_actor,
                                   num_gpus_per_actor=num_gpus_per_actor, timeout_s=timeout_s,
                                   long_timeout_s=start_timeout_s, placement=placement)  # fmt: skip
         self.cfg = model_config
         run_cfg = dataclasses.replace(RaymoeConfig(), model=model_config, parallel=parallel)
-        self.placement = build_placement(model_config, parallel)
+        self.parallel, self.redundant, self.rebalance_every = parallel, redundant, rebalance_every
+        if rebalance_every < 0:
+            raise ValueError(f"rebalance_every must be >= 0, got {rebalance_every}")
+        if expert_loads is not None:
+            self.placement = balanced_placement(model_config, parallel, expert_loads, redundant)
+        else:
+            self.placement = build_placement(model_config, parallel)
+            zeros = torch.zeros(len(self.placement.moe_layers), model_config.n_routed_experts)
+            balanced_placement(model_config, parallel, zeros, redundant)  # checks redundant before any actor starts
+        self.steps, self.rebalances = 0, []
+        self._window_start: torch.Tensor | None = None  # the counts at the last re-placement
         self.pp, self.ep = self.placement.pp, ep
         self.num_blocks, self.block_size = num_blocks, block_size
         self.naive_min_run = naive_min_run(model_config)
@@ -114,6 +140,9 @@ class GraphRunner:
         return out.output
 
     def main(self, batch: StepBatch, logit_rows: torch.Tensor, hidden_rows: torch.Tensor | None = None):
+        if self.rebalance_every and self.steps and self.steps % self.rebalance_every == 0:
+            self.rebalance()  # a step boundary: the previous step (main and MTP draft) is done
+        self.steps += 1
         inputs = self.rt.put(InferInput("main", batch, logit_rows, hidden_rows))
         prev = None
         for s in range(self.pp):
@@ -130,9 +159,74 @@ class GraphRunner:
         (result,) = self.rt.get([out], "the MTP draft")
         return result.logits
 
+    # -- expert loads and live re-placement ----------------------------------------------------
+
+    def expert_loads(self) -> dict:
+        """The tokens routed to each expert since the start, every MoE layer (the local runner's ``expert_loads``)."""
+        parts = self.rt.get([self.rt.call(st, "expert_loads")[0] for st in self.stages], "reading the expert loads")
+        by_layer = {layer: (t, row) for part in parts for layer, t, row in zip(part["layers"], part["tokens"],
+                                                                             part["loads"])}  # fmt: skip
+        layers = list(self.placement.moe_layers)
+        return {"layers": layers, "tokens": [by_layer[layer][0] for layer in layers],
+                "loads": [by_layer[layer][1] for layer in layers]}  # fmt: skip
+
+    def shard_tokens(self) -> list[int]:
+        """The (row, expert) pairs each expert shard computed since the start."""
+        parts = self.rt.get([self.rt.call(sh, "served")[0] for sh in self.shards], "reading the shards' loads")
+        return [part["tokens"] for part in parts]
+
+    def rebalance(self, loads: torch.Tensor | None = None) -> Placement:
+        """Place the experts by ``loads`` [MoE layers, E] (default: the live counts since the last re-placement)
+        with ``redundant`` copies of the hottest, and apply it now. Returns the placement in force."""
+        if loads is None:
+            now = torch.tensor(self.expert_loads()["loads"], dtype=torch.float64)
+            loads = now - self._window_start if self._window_start is not None else now
+            self._window_start = now
+        if float(loads.sum()) <= 0:
+            return self.placement
+        new = balanced_placement(self.cfg, self.parallel, loads, self.redundant)
+        if new != self.placement:
+            self.apply_placement(new, loads)
+        return self.placement
+
+    def apply_placement(self, new: Placement, loads: torch.Tensor | None = None) -> None:
+        """Move the experts to ``new`` (same stages and shards): each shard receives the experts it lacks from a
+        shard that holds them, then every stage routes by ``new``. Call it between two steps."""
+        old = self.placement
+        if new.stage_bounds != old.stage_bounds or new.moe_layers != old.moe_layers or new.ep != old.ep:
+            raise ValueError("a new placement may move experts only: the same stages, MoE layers and shards")
+        wanted: dict[tuple[int, int], dict[int, list[int]]] = {}  # (source, destination) -> layer -> experts
+        for layer in new.moe_layers:
+            holders = old.holders(layer)
+            for k in range(new.ep):
+                have = set(old.experts_on(k, layer))
+                for e in new.experts_on(k, layer):
+                    if e not in have:
+                        wanted.setdefault((holders[e][0], k), {}).setdefault(layer, []).append(e)
+        sent: dict[int, list] = {k: [] for k in range(new.ep)}
+        for (src, dst), experts in wanted.items():
+            sent[dst].append(self.rt.call(self.shards[src], "export", experts)[0])
+        calls = [self.rt.call(sh, "adopt", new, *sent[k])[0] for k, sh in enumerate(self.shards)]
+        held = self.rt.get(calls, "moving experts between the shards", long=True)
+        self.rt.get([self.rt.call(st, "set_placement", new)[0] for st in self.stages], "re-routing the stages")
+        self.placement = new
+        self.actor_param_bytes.update({f"Shard({k})": h["param_bytes"] for k, h in enumerate(held)})
+        moved = sum(len(v) for experts in wanted.values() for v in experts.values())
+        record = {"step": self.steps, "moved": moved, "replicas": new.num_replicas}
+        if loads is not None:
+            record |= {"imbalance_before": imbalance(shard_loads(old, loads)),
+                       "imbalance_after": imbalance(shard_loads(new, loads))}  # fmt: skip
+        self.rebalances.append(record)
+        logger.info("experts re-placed before step %d: %d copies moved, %d replicas", self.steps, moved,
+                    new.num_replicas)  # fmt: skip
+
     def stats(self) -> dict:
+        tokens = self.shard_tokens()
+        mean = sum(tokens) / len(tokens) if tokens else 0
         return {"runner": "graph", "param_bytes": 0, "actor_pids": self.actor_pids,
-                "actor_param_bytes": self.actor_param_bytes}  # fmt: skip
+                "actor_param_bytes": self.actor_param_bytes, "expert_loads": self.expert_loads(),
+                "shard_tokens": tokens, "shard_imbalance": max(tokens) / mean if mean else None,
+                "expert_replicas": self.placement.num_replicas, "rebalances": list(self.rebalances)}  # fmt: skip
 
     def close(self) -> None:
         self.rt.close()

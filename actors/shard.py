@@ -53,7 +53,6 @@ class Shard(Parking):
         )
         m = cfg.model
         self.experts = nn.ModuleDict()
-        self.expert_ids: dict[str, list[int]] = {}  # stacked tensor name -> its experts' global ids
         with torch.device("meta"):
             for layer in placement.moe_layers:
                 self.experts[str(layer)] = Experts(len(placement.experts_on(shard, layer)), m.hidden_size,
@@ -61,12 +60,7 @@ class Shard(Parking):
         self.experts.to_empty(device=self.device)
         if serving is not None:
             self.experts.to(serving.dtype)
-        self.params: list[tuple[str, nn.Parameter]] = []
-        for layer in placement.moe_layers:
-            prefix = f"{moe_prefix(layer, m.num_hidden_layers)}.experts"
-            for pname, p in self.experts[str(layer)].named_parameters():
-                self.params.append((f"{prefix}.{pname}", p))
-                self.expert_ids[f"{prefix}.{pname}"] = placement.experts_on(shard, layer)
+        self._index_params()
         source = serving.checkpoint if serving is not None else cfg.train.init_from
         if source:
             load_into(dict(self.params), open_checkpoint(source), self.expert_ids)
@@ -81,6 +75,17 @@ class Shard(Parking):
             self._reset_step()
         else:
             self.experts.eval()
+            self.served_tokens = 0  # (row, expert) pairs computed since the start: the runner's per-shard load
+
+    def _index_params(self) -> None:
+        """``params`` (full-model names of the stacked tensors) and ``expert_ids`` (each one's global expert ids)."""
+        self.params: list[tuple[str, nn.Parameter]] = []
+        self.expert_ids: dict[str, list[int]] = {}
+        for layer in self.placement.moe_layers:
+            prefix = f"{moe_prefix(layer, self.cfg.model.num_hidden_layers)}.experts"
+            for pname, p in self.experts[str(layer)].named_parameters():
+                self.params.append((f"{prefix}.{pname}", p))
+                self.expert_ids[f"{prefix}.{pname}"] = self.placement.experts_on(self.shard, layer)
 
     @property
     def param_bytes(self) -> int:
@@ -121,6 +126,8 @@ class Shard(Parking):
         else:
             with torch.set_grad_enabled(train), autocast_context(self.cfg.train.dtype, self.device):
                 out = experts(x, local_ids, w, partial=True)
+        if not self.train_mode:
+            self.served_tokens += int((local_ids >= 0).sum())
         if train:
             self.graphs[(layer, key)] = (xs, ws, out)
             self.ran.add(layer)
@@ -143,6 +150,55 @@ class Shard(Parking):
         ]  # fmt: skip
         self.compute_s += time.perf_counter() - t0
         return _returns(result)
+
+    # -- live re-placement (serving) ------------------------------------------------------------
+
+    def served(self) -> dict:
+        """Serving: the (row, expert) pairs this shard computed since the start, and the experts it holds."""
+        held = {layer: len(self.placement.experts_on(self.shard, layer)) for layer in self.placement.moe_layers}
+        return {"tokens": self.served_tokens, "experts": held, "param_bytes": self.param_bytes}
+
+    def export(self, wanted: dict[int, list[int]]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """Copies of the weights of experts ``wanted`` (MoE layer -> global expert ids) this shard holds."""
+        out = {}
+        for layer, experts in wanted.items():
+            held = self.placement.experts_on(self.shard, layer)
+            module = self.experts[str(layer)]
+            for e in experts:
+                if e not in held:
+                    raise GraphError(f"expert shard {self.shard} does not hold expert {e} of layer {layer}")
+                i = held.index(e)
+                out[(layer, e)] = {name: host(p.detach()[i].clone()) for name, p in module.named_parameters()}
+        return out
+
+    def adopt(self, placement: Placement, *received: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict:
+        """Serving: hold the experts ``placement`` gives this shard: the ones it has, and the ``received``
+        copies of the others (what :meth:`export` of their holders returned). Applied whole, or not at all."""
+        if self.train_mode:
+            raise GraphError(f"expert shard {self.shard}: experts move between shards only when serving")
+        if placement.moe_layers != self.placement.moe_layers or placement.ep != self.placement.ep:
+            raise GraphError(f"expert shard {self.shard}: a new placement may move experts only, not layers or shards")
+        parts = {k: v for r in received for k, v in r.items()}
+        m = self.cfg.model
+        new = nn.ModuleDict()
+        for layer in placement.moe_layers:
+            old_ids = self.placement.experts_on(self.shard, layer)
+            ids = placement.experts_on(self.shard, layer)
+            old = self.experts[str(layer)]
+            module = Experts(len(ids), m.hidden_size, m.moe_intermediate_size).to(old.gate_up_proj)
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    for i, e in enumerate(ids):
+                        if e in old_ids:
+                            p[i].copy_(getattr(old, name)[old_ids.index(e)])
+                        elif (layer, e) in parts:
+                            p[i].copy_(parts[(layer, e)][name])
+                        else:
+                            raise GraphError(f"expert shard {self.shard}: expert {e} of layer {layer} was not sent")
+            new[str(layer)] = module.eval()
+        self.experts, self.placement = new, placement
+        self._index_params()
+        return self.served()
 
     # -- the optimizer step ---------------------------------------------------------------------
 

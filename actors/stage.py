@@ -38,6 +38,7 @@ from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_s
 from raymoe.platform.config import RaymoeConfig
 from raymoe.platform.devices import host, resolve_device
 from raymoe.platform.inference.cache import BlockCache
+from raymoe.platform.inference.runner import LiveCounts
 from raymoe.platform.model.attention import CausalAttention
 from raymoe.platform.model.forward import (
     IGNORE_INDEX,
@@ -239,6 +240,8 @@ class Stage(Collective):
             layers = [b.layer_id for b in self.part.blocks()]
             width = cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim
             self.cache = BlockCache(layers, serving.num_blocks, serving.block_size, width, serving.dtype, self.device)
+        # serving: the tokens routed to each expert of this stage's layers (the runner's live re-placement reads them)
+        self.counts = LiveCounts(self.part) if not self.train_mode and not colocated else None
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -328,9 +331,10 @@ class Stage(Collective):
                 if self.experts is None:
                     break
                 answer = self.experts(call)  # colocated: the stage's own experts
-            shards, local = self.routing[call.layer]
-            parts = dispatch_rows(call.idx, call.weights, shards.to(call.idx.device), local.to(call.idx.device),
-                                  self.ep)  # fmt: skip
+            shards, local = self.routing[call.layer].assign(call.idx)
+            if self.counts is not None:
+                self.counts.count(call)
+            parts = dispatch_rows(shards, local, call.weights, self.ep)
             seg = fl.segments[-1] if fl.train else None
             send_dtype = compute_dtype(call.x)
             buffers = []
@@ -493,6 +497,18 @@ class Stage(Collective):
         """The gates' biases by MoE layer."""
         return {layer: m.gate.e_score_correction_bias.detach().float().cpu()
                 for layer, m in self.part.moe_by_layer().items()}  # fmt: skip
+
+    def expert_loads(self) -> dict:
+        """Serving: the tokens routed to each expert of this stage's MoE layers since the start
+        (:meth:`~raymoe.platform.inference.runner.LiveCounts.to_dict`)."""
+        return self.counts.to_dict()
+
+    def set_placement(self, placement: Placement) -> None:
+        """Route this stage's MoE layers by a new placement (the shards hold its experts already)."""
+        if placement.moe_layers != self.placement.moe_layers or placement.stage_bounds != self.placement.stage_bounds:
+            raise GraphError(f"stage {self.stage}: a new placement may move experts only, not layers")
+        self.placement = placement
+        self.routing = {layer: placement.routing(layer) for layer in self.part.moe_by_layer()}
 
     def eval_result(self) -> dict:
         """Loss sum, token count, loads and recorded routing (by key) of the evaluation since the last call."""

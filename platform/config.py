@@ -88,6 +88,7 @@ class ModelConfig:
 
 TRANSPORTS = ("object_store", "direct")
 PLACEMENTS = ("auto", "PACK", "SPREAD")
+EXPERT_PLACEMENTS = ("contiguous", "balanced")
 
 
 @dataclass(kw_only=True)
@@ -106,6 +107,10 @@ class ParallelConfig:
     # (SPREAD when actors reserve nothing and the cluster has several nodes, so they do not all share one; else PACK)
     placement: str = "auto"
     reserve_timeout_s: float = 60.0  # the longest the graph waits for its placement group, then names what is missing
+    # where each MoE layer's experts sit: contiguous blocks (routing groups together) | balanced by the expert
+    # loads of expert_loads (a loads JSON) or, when empty, of train.init_from (actors/placement.py)
+    expert_placement: str = "contiguous"
+    expert_loads: str = ""
     transport: str = "object_store"  # object_store | direct (Ray Direct Transport over gloo): activations, gradients
     timeout_s: float = 30.0  # the longest the driver waits on the actors for one step: a hung actor's bound
     long_timeout_s: float = 600.0  # the same for starting actors, checkpoints and evaluation
@@ -356,6 +361,9 @@ def validate(cfg: RaymoeConfig) -> None:
     _positive("parallel", p, ("num_cpus_per_actor", "num_gpus_per_actor"), ("num_cpus_per_actor", "num_gpus_per_actor"))
     _positive("parallel", p, ("timeout_s", "long_timeout_s", "reserve_timeout_s"))
     _positive("parallel", p, ("memory_per_actor_gb",), ("memory_per_actor_gb",))
+    if p.expert_placement not in EXPERT_PLACEMENTS:
+        raise ConfigError(f"parallel.expert_placement must be one of {', '.join(EXPERT_PLACEMENTS)}, "
+                          f"got {p.expert_placement!r}")  # fmt: skip
     if p.placement not in PLACEMENTS:
         raise ConfigError(f"parallel.placement must be one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
     if p.transport not in TRANSPORTS:

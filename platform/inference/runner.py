@@ -119,17 +119,20 @@ class LiveCounts:
     what ``/stats`` reports as ``expert_loads``, and what :mod:`raymoe.platform.analysis.loads` calls
     the ``serving`` source."""
 
-    def __init__(self, model: DeepseekV3, experts: Callable[[ExpertCall], torch.Tensor]) -> None:
-        self.experts = experts
+    def __init__(self, model: DeepseekV3, experts: Callable[[ExpertCall], torch.Tensor] | None = None) -> None:
+        self.experts = experts  # None: count only (a graph stage, whose shards answer)
         self.layers = list(model.moe_by_layer())
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.loads = torch.zeros(len(self.layers), model.cfg.n_routed_experts, dtype=torch.float64)
         self.tokens = torch.zeros(len(self.layers), dtype=torch.long)
 
-    def __call__(self, call: ExpertCall) -> torch.Tensor:
+    def count(self, call: ExpertCall) -> None:
         i = self.index[call.layer]
         self.loads[i] += torch.bincount(call.idx.reshape(-1), minlength=self.loads.shape[1]).to("cpu", torch.float64)
         self.tokens[i] += call.idx.shape[0]
+
+    def __call__(self, call: ExpertCall) -> torch.Tensor:
+        self.count(call)
         return self.experts(call)
 
     def to_dict(self) -> dict:

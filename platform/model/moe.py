@@ -253,17 +253,17 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float)
 
 
 def dispatch_rows(
-    idx: torch.Tensor, weights: torch.Tensor, expert_shard: torch.Tensor, expert_local: torch.Tensor, n_shards: int
+    shard: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, n_shards: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Which token rows go to which expert shard, each row once per shard with the experts it chose there.
 
-    idx/weights [N, K] (the gate's choice), expert_shard/expert_local [E] (an expert's shard and
-    its index there). Returns per shard ``(rows [n], local_ids [n, K], w [n, K])``: the rows that
-    chose at least one expert on the shard, the local expert of each choice (-1 where the choice
-    is on another shard) and its gate weight (0 there; differentiable).
+    shard/local/weights [N, K]: per choice of the gate, the shard it goes to, the index of the chosen
+    expert's copy among that shard's experts, and its gate weight (the placement's
+    ``ExpertRouting.assign`` maps the gate's expert ids to the first two). Returns per shard
+    ``(rows [n], local_ids [n, K], w [n, K])``: the rows that chose at least one expert on the shard,
+    the local expert of each choice (-1 where the choice is on another shard) and its gate weight (0
+    there; differentiable).
     """
-    shard = expert_shard[idx]  # [N, K]
-    local = expert_local[idx]
     out = []
     for k in range(n_shards):
         here = shard == k

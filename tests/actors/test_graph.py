@@ -277,3 +277,30 @@ def test_a_local_trainer_checkpoint_loads_into_the_graph(tmp_path: Path) -> None
     # each step's metrics carry the biases after its update (the over-time plot), a copy on the graph
     assert torch.equal(straight_steps[-1].biases, straight.biases())
     assert torch.equal(again_steps[-1].biases, graph.biases) and again_steps[-1].biases is not graph.biases
+
+
+def test_balanced_expert_placement_trains_as_one_process(tmp_path: Path) -> None:
+    """parallel.expert_placement=balanced from a loads file (in process): experts no longer in contiguous
+    blocks, the same steps as the local trainer, and a checkpoint that the contiguous layout reads."""
+    from raymoe.actors.placement import build_placement, imbalance, shard_loads
+    from raymoe.platform.analysis.loads import ExpertLoads
+
+    loads = torch.ones(3, 8, dtype=torch.float64)
+    loads[:, :3] = 40.0  # experts 0-2 of every layer hot: contiguous blocks put them all on shard 0
+    ExpertLoads([1, 2, 3], loads, 1000, "calibration").save(str(tmp_path / "loads.json"))
+    cfg = _cfg(1, 2, 3, 2, "parallel.expert_placement=balanced", f"parallel.expert_loads={tmp_path / 'loads.json'}")
+    graph = GraphTrainer(cfg, in_process=True)
+    local = LocalTrainer(_cfg(mb=2))
+    contiguous = build_placement(cfg.model, cfg.parallel)
+    assert graph.placement.expert_shards != contiguous.expert_shards
+    assert all(len({graph.placement.shard_of(layer, e) for e in range(3)}) == 3 for layer in (1, 2, 3))
+    assert imbalance(shard_loads(graph.placement, loads)) < imbalance(shard_loads(contiguous, loads))
+    for input_ids, labels in _batches(3):
+        mbs = micro_batches(input_ids, labels, 2)
+        want, got = local.train_step(mbs), graph.train_step(mbs)
+        assert _close(got.loss, want.loss) and torch.equal(got.loads, want.loads)
+    _assert_states_close(graph.full_state_dict(), local.model.state_dict())
+    ckpt = graph.save_checkpoint(str(tmp_path / "run"), {})
+    again = GraphTrainer(_cfg(1, 1, 2), in_process=True)
+    again.load_checkpoint(ckpt)
+    _assert_states_close(again.full_state_dict(), local.model.state_dict())
