@@ -7,6 +7,7 @@
     raymoe bench graph                          # the local trainer against the actor graph at 4 layouts
     raymoe bench graph --json --dtype bf16 --steps 5
     raymoe bench experts                        # serving under an expert budget (issue 17)
+    raymoe bench placement                      # experts balanced, replicated and re-placed on the graph
 
 ``raymoe bench model`` is :mod:`raymoe.pipelines.benchmarks.model_bench`, ``raymoe bench graph``
 :mod:`raymoe.pipelines.benchmarks.graph_bench`.
@@ -49,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_module(benchmarks, "serve", f"{benchmarks_dir}.serve_bench", "serving: decode, HTTP streams, MTP")
     _register_module(benchmarks, "experts", f"{benchmarks_dir}.experts_bench",
                      "serving under an expert budget: memory, tok/s, perplexity, cache hits")  # fmt: skip
+    _register_module(benchmarks, "placement", f"{benchmarks_dir}.placement_bench",
+                     "experts on the serving graph's shards: balanced, replicated, re-placed live")  # fmt: skip
     _register_module(benchmarks, "kernels", f"{benchmarks_dir}.kernel_bench", "Triton kernels against torch (GPU)")
     _register_module(benchmarks, "attention", f"{benchmarks_dir}.attention_bench",
                      "naive against absorbed MLA over the paged cache, per run length")  # fmt: skip

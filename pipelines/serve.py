@@ -117,12 +117,43 @@ class ServeArgs(BaseModel):
     expert_eviction: Literal["lru", "lfu"] = "lru"
     expert_prefetch: Literal["auto", "on", "off"] = "auto"
     expert_stats: str | None = Field(None, description="expert loads JSON (default: the checkpoint's)")
+    expert_placement: Literal["contiguous", "balanced"] = Field(
+        "contiguous", description="graph runner: experts on shards in blocks, or balanced by the expert loads"
+    )
+    redundant_experts: int = Field(0, ge=0, description="graph runner: extra copies of the hottest experts per layer")
+    rebalance_every: int = Field(0, ge=0, description="graph runner: re-place experts from live counts every N steps")
 
     @model_validator(mode="after")
     def _tiers_run_locally(self) -> "ServeArgs":
         if self.expert_budget is not None and (self.runner != "local" or self.compile):
             raise ValueError("expert_budget (--expert-budget) works with the local runner, without --compile")
         return self
+
+    @model_validator(mode="after")
+    def _placement_on_the_graph(self) -> "ServeArgs":
+        moved = self.expert_placement != "contiguous" or self.redundant_experts or self.rebalance_every
+        if moved and self.runner != "graph":
+            raise ValueError("expert_placement, redundant_experts and rebalance_every (--expert-placement, "
+                             "--redundant-experts, --rebalance-every) place experts on the graph runner's shards: "
+                             "add --runner graph --ep N")  # fmt: skip
+        if self.redundant_experts and not (self.expert_placement == "balanced" or self.rebalance_every):
+            raise ValueError("redundant_experts (--redundant-experts) copies experts by their loads: add "
+                             "--expert-placement balanced or --rebalance-every N")  # fmt: skip
+        return self
+
+    def start_loads(self, location: str, model_config: Any) -> Any:
+        """[MoE layers, E] loads to place the graph's experts by at the start (``expert_placement`` balanced:
+        ``expert_stats`` or the checkpoint's), or None. ValueError names a missing or unfitting file."""
+        if self.expert_placement != "balanced":
+            return None
+        from raymoe.platform.analysis.loads import ExpertLoads, LoadsError, find_loads
+
+        stats = ExpertLoads.load(self.expert_stats) if self.expert_stats else find_loads(location)
+        if stats is None:
+            raise LoadsError(f"--expert-placement balanced: {location} has no expert loads (no calibration file "
+                             f"beside it, no training loads); run raymoe calibrate or pass --expert-stats")  # fmt: skip
+        stats.check_against(model_config, self.expert_stats or location)
+        return stats.loads
 
     def tier_config(self) -> Any:
         """The :class:`~raymoe.platform.inference.tiers.TierConfig` of the expert flags."""
@@ -266,7 +297,9 @@ def _make_runner(args: ServeArgs, served: Any) -> Any:
                            pp=args.parallel.get("pp", 1), ep=args.parallel.get("ep", 1), dtype=dtype,
                            device=args.device, num_gpus_per_actor=args.gpus_per_actor,
                            num_cpus_per_actor=args.parallel.get("num_cpus_per_actor", 0.0),
-                           placement=args.parallel.get("placement", "auto"))  # fmt: skip
+                           placement=args.parallel.get("placement", "auto"),
+                           expert_loads=args.start_loads(served.location, served.model_config),
+                           redundant=args.redundant_experts, rebalance_every=args.rebalance_every)  # fmt: skip
     from raymoe.platform.checkpoint.reader import load_model
     from raymoe.platform.devices import resolve_device
 
@@ -578,6 +611,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="prefetch the next layer's experts by its gate: auto (on CUDA only; default) | on | off",
     )
+    g = p.add_argument_group("experts on the graph runner's shards (--runner graph; docs/expert-placement.md)")
+    g.add_argument(
+        "--expert-placement",
+        default="contiguous",
+        help="contiguous (blocks; default) | balanced (by --expert-stats or the checkpoint's loads)",
+    )
+    g.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="extra copies of the hottest experts per MoE layer, their tokens split among the copies",
+    )
+    g.add_argument(
+        "--rebalance-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-place the experts from the live counts every N engine steps (0: never; default)",
+    )
     p.set_defaults(func=run)
 
 
@@ -635,8 +688,23 @@ def run(args: argparse.Namespace) -> int:
             expert_eviction=args.expert_eviction,
             expert_prefetch=args.prefetch,
             expert_stats=absolute(args.expert_stats) if args.expert_stats else None,
+            expert_placement=args.expert_placement,
+            redundant_experts=args.redundant_experts,
+            rebalance_every=args.rebalance_every,
         )
         served = open_served(serve_args.checkpoint)
+        if serve_args.runner == "graph":  # the placement's loads and copies, checked before Ray starts
+            from raymoe.actors.placement import balanced_placement, build_placement
+            from raymoe.platform.config import ParallelConfig
+
+            parallel = ParallelConfig(pp=args.pp, ep=args.ep)
+            loads = serve_args.start_loads(served.location, served.model_config)
+            if loads is None:
+                import torch
+
+                loads = torch.zeros(len(build_placement(served.model_config, parallel).moe_layers),
+                                    served.model_config.n_routed_experts)  # fmt: skip
+            balanced_placement(served.model_config, parallel, loads, serve_args.redundant_experts)
         if serve_args.expert_budget is not None:  # the tiers' arithmetic and statistics, checked before Ray starts
             import torch
 

@@ -3,6 +3,8 @@ without copies, every choice computed exactly once, and a re-placement during a 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +173,93 @@ def test_bad_replication_arguments_name_the_value(served_checkpoint) -> None:  #
         _runner(location, 1, 2, rebalance_every=-1)
     with pytest.raises(ConfigError, match="expert loads are"):
         _runner(location, 1, 2, expert_loads=torch.ones(1, 3))
+
+
+def test_streams_over_http_while_the_graph_re_places(ray_local, served_checkpoint) -> None:  # noqa: ANN001
+    """The Serve app on the graph runner (ep=2, re-placing every 2 steps with 2 copies): concurrent streams
+    through the openai client all finish with the plain app's text; /stats shows the moves and the shards' loads."""
+    import concurrent.futures
+
+    import openai
+    import requests
+
+    from .conftest import deploy, serve_on_a_free_port
+
+    with serve_on_a_free_port() as url:
+        deploy(served_checkpoint, "plain", "/plain")
+        deploy(served_checkpoint, "moving", "/moving", runner="graph", parallel={"pp": 1, "ep": 2},
+               rebalance_every=2, redundant_experts=2)  # fmt: skip
+
+        def stream(prefix: str, prompt: str) -> str:
+            client = openai.OpenAI(base_url=f"{url}{prefix}/v1", api_key="unused", max_retries=0, timeout=60)
+            parts = client.completions.create(model="raymoe", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+            return "".join(p.choices[0].text for p in parts)
+
+        prompts = ["def f(x):", "import os\n", "class A:", "for i in range(10):", "x = [", "# a comment"]
+        want = [stream("/plain", p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: stream("/moving", p), prompts))
+        assert got == want
+        stats = requests.get(f"{url}/moving/stats", timeout=10).json()
+        assert stats["runner"] == "graph" and stats["rebalances"] and stats["expert_replicas"] == 2 * 3
+        assert stats["request_errors"] == 0 and len(stats["shard_tokens"]) == 2
+        assert sum(stats["shard_tokens"]) == sum(sum(row) for row in stats["expert_loads"]["loads"]) > 0
+
+
+def test_placement_flags_fail_before_ray_starts(stubbed_serve, served_checkpoint, capsys) -> None:  # noqa: ANN001
+    from raymoe.pipelines import cli
+
+    started, bound = stubbed_serve
+    argv = ["serve", "--checkpoint", str(served_checkpoint), "--dtype", "float32"]
+    assert cli.main([*argv, "--runner", "graph", "--ep", "2", "--rebalance-every", "50",
+                     "--redundant-experts", "4"]) == 0  # fmt: skip
+    (args,) = bound[0]._bound_deployment.init_args
+    assert (args.rebalance_every, args.redundant_experts, args.expert_placement) == (50, 4, "contiguous")
+    for flags, words in [
+        (["--redundant-experts", "2", "--rebalance-every", "5"], "add --runner graph --ep N"),
+        (["--runner", "graph", "--ep", "2", "--redundant-experts", "9", "--rebalance-every", "5"],
+         "redundant experts must be 0..8"),
+        (["--runner", "graph", "--ep", "2", "--redundant-experts", "2"], "add --expert-placement balanced"),
+        (["--runner", "graph", "--ep", "2", "--expert-placement", "hot"], "expert_placement"),
+        (["--runner", "graph", "--ep", "2", "--expert-placement", "balanced"], "has no expert loads"),
+        (["--runner", "graph", "--ep", "2", "--rebalance-every", "-1"], "rebalance_every"),
+    ]:  # fmt: skip
+        assert cli.main([*argv, *flags]) == 2, flags
+        assert words in capsys.readouterr().err, flags
+    assert started == ["ray", "serve"]  # only the good flags started Ray
+
+
+def test_bench_placement_on_a_tiny_checkpoint(served_checkpoint, tmp_path, capsys) -> None:  # noqa: ANN001
+    """``raymoe bench placement`` at toy sizes, in process: every placement's row, the counts consistent."""
+    import json
+
+    from raymoe.pipelines.cli import main as cli
+    from raymoe.platform.analysis.loads import ExpertLoads
+    from raymoe.platform.config import config_to_dict, load_config
+    from raymoe.platform.train.trainer import LocalTrainer
+
+    cfg = load_config("tiny", ["tracking.enabled=false"])
+    trainer = LocalTrainer(cfg)
+    rows = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(0))
+    metrics = trainer.train_step([(rows[:, :-1], rows[:, 1:])])
+    loads = ExpertLoads([1, 2, 3], metrics.loads.double(), 4 * 32, "training")
+    ckpt = trainer.save_checkpoint(str(tmp_path / "run"), {"config": config_to_dict(cfg), "expert_loads":
+                                   loads.to_dict()}, [Path(served_checkpoint) / "tokenizer.json"])  # fmt: skip
+    argv = ["bench", "placement", "--checkpoint", ckpt, "--ep", "2", "--redundant", "2", "--requests", "3",
+            "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--dtype", "float32", "--in-process",
+            "--json"]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    names = [r["placement"] for r in report["rows"]]
+    assert names == ["contiguous", "training loads", "live", "live + 2 copies", "re-placed live"]
+    for r in report["rows"]:
+        # the same greedy requests under every placement: the same (row, expert) pairs, split differently
+        # (3 requests x (8 prompt rows + 5 decoded), top-k choices, 2 main MoE layers (no MTP drafts)
+        assert sum(r["shard_tokens"]) == 3 * (8 + 5) * cfg.model.num_experts_per_tok * 2
+        assert r["imbalance"] >= 1.0
+        if r["copies"] == 0:  # no split among copies: the counts predict the shards' work exactly
+            assert r["imbalance"] == pytest.approx(r["predicted"])
+    assert report["rows"][3]["copies"] == report["rows"][4]["copies"] == 2 * 3
+    assert report["rows"][4]["moved"] > 0
+    assert "| live + 2 copies |" in out
