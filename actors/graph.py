@@ -13,9 +13,11 @@ which ends the engine (and, under Serve, the replica, which Serve replaces).
 
 **Hot experts and live re-placement.** The stages count the tokens routed to each expert, the
 shards the (row, expert) pairs they compute. With ``rebalance_every=N`` the runner recomputes the
-placement from the counts of the last N steps before every N-th step
+placement from the live counts before every N-th step (the last N steps' plus ``decay`` times the
+previous estimate)
 (:func:`~raymoe.actors.placement.balanced_placement`, with ``redundant`` extra copies of the
-hottest experts per layer) and applies it there, between two steps: the shards pass each other
+hottest experts per layer) and, when it lowers max/mean tokens per shard by ``min_gain`` or more,
+applies it there, between two steps: the shards pass each other
 the experts that move (actor to actor, never through the runner), then every stage routes by the
 new placement. The sequences in flight and their latent caches stay where they are (on the
 stages), so no request notices but for one slower step.
@@ -31,7 +33,14 @@ import torch
 
 from raymoe.actors.driver import actor_options
 from raymoe.actors.messages import InferInput, StageOutput, StageRefs
-from raymoe.actors.placement import Placement, balanced_placement, build_placement, imbalance, shard_loads
+from raymoe.actors.placement import (
+    Placement,
+    balanced_placement,
+    build_placement,
+    imbalance,
+    relabel_like,
+    shard_loads,
+)
 from raymoe.actors.runtime import actor_bundle, make_runtime
 from raymoe.actors.shard import Shard
 from raymoe.actors.stage import ServingSpec, Stage
@@ -61,6 +70,10 @@ class GraphRunner:
             (:func:`~raymoe.actors.placement.balanced_placement`; None: contiguous blocks).
         redundant: extra expert copies per MoE layer whenever the runner places by loads.
         rebalance_every: re-place the experts from the live counts every this many steps (0: never).
+        min_gain: re-place only when it lowers max/mean tokens per shard (of the window's counts) by at
+            least this much; otherwise the experts stay where they are.
+        decay: the live loads a re-placement follows are the counts of each interval plus ``decay`` times
+            the previous estimate (0: the last interval alone).
     """
 
     def __init__(
@@ -82,6 +95,8 @@ class GraphRunner:
         expert_loads: torch.Tensor | None = None,
         redundant: int = 0,
         rebalance_every: int = 0,
+        min_gain: float = 0.05,
+        decay: float = 0.9,
     ) -> None:
         parallel = ParallelConfig(pp=pp, ep=ep, num_cpus_per_actor=num_cpus_per_actor,
                                   num_gpus_per_actor=num_gpus_per_actor, timeout_s=timeout_s,
@@ -97,8 +112,11 @@ class GraphRunner:
             self.placement = build_placement(model_config, parallel)
             zeros = torch.zeros(len(self.placement.moe_layers), model_config.n_routed_experts)
             balanced_placement(model_config, parallel, zeros, redundant)  # checks redundant before any actor starts
-        self.steps, self.rebalances = 0, []
+        self.steps, self.rebalances, self.skipped = 0, [], 0
+        self.min_gain = min_gain
         self._window_start: torch.Tensor | None = None  # the counts at the last re-placement
+        self._estimate: torch.Tensor | None = None  # the decayed loads the placement follows
+        self.decay = decay
         self.pp, self.ep = self.placement.pp, ep
         self.num_blocks, self.block_size = num_blocks, block_size
         self.naive_min_run = naive_min_run(model_config)
@@ -170,23 +188,31 @@ class GraphRunner:
         return {"layers": layers, "tokens": [by_layer[layer][0] for layer in layers],
                 "loads": [by_layer[layer][1] for layer in layers]}  # fmt: skip
 
-    def shard_tokens(self) -> list[int]:
-        """The (row, expert) pairs each expert shard computed since the start."""
+    def shard_tokens(self) -> torch.Tensor:
+        """[MoE layers, ep]: the (row, expert) pairs each expert shard computed since the start, per layer."""
         parts = self.rt.get([self.rt.call(sh, "served")[0] for sh in self.shards], "reading the shards' loads")
-        return [part["tokens"] for part in parts]
+        return torch.tensor([part["tokens"] for part in parts], dtype=torch.long).T
 
     def rebalance(self, loads: torch.Tensor | None = None) -> Placement:
-        """Place the experts by ``loads`` [MoE layers, E] (default: the live counts since the last re-placement)
-        with ``redundant`` copies of the hottest, and apply it now. Returns the placement in force."""
+        """Place the experts by ``loads`` [MoE layers, E] (default: the live estimate, the counts since the last
+        re-placement plus ``decay`` times the previous estimate) with ``redundant`` copies of the hottest, shard
+        labels kept where they were (:func:`~raymoe.actors.placement.relabel_like`), and apply it now when it
+        lowers max/mean tokens per shard for those loads by ``min_gain`` or more. Returns the placement in force."""
         if loads is None:
             now = torch.tensor(self.expert_loads()["loads"], dtype=torch.float64)
-            loads = now - self._window_start if self._window_start is not None else now
+            window = now - self._window_start if self._window_start is not None else now
             self._window_start = now
+            # a decayed sum of the windows: recent counts weigh most, and one noisy window does not reshuffle
+            self._estimate = window if self._estimate is None else self.decay * self._estimate + window
+            loads = self._estimate
         if float(loads.sum()) <= 0:
             return self.placement
-        new = balanced_placement(self.cfg, self.parallel, loads, self.redundant)
-        if new != self.placement:
+        new = relabel_like(balanced_placement(self.cfg, self.parallel, loads, self.redundant), self.placement)
+        now, then = imbalance(shard_loads(self.placement, loads)), imbalance(shard_loads(new, loads))
+        if new != self.placement and now - then >= self.min_gain:  # moving costs a slow step: only when it pays
             self.apply_placement(new, loads)
+        else:
+            self.skipped += 1
         return self.placement
 
     def apply_placement(self, new: Placement, loads: torch.Tensor | None = None) -> None:
@@ -222,11 +248,12 @@ class GraphRunner:
 
     def stats(self) -> dict:
         tokens = self.shard_tokens()
-        mean = sum(tokens) / len(tokens) if tokens else 0
         return {"runner": "graph", "param_bytes": 0, "actor_pids": self.actor_pids,
                 "actor_param_bytes": self.actor_param_bytes, "expert_loads": self.expert_loads(),
-                "shard_tokens": tokens, "shard_imbalance": max(tokens) / mean if mean else None,
-                "expert_replicas": self.placement.num_replicas, "rebalances": list(self.rebalances)}  # fmt: skip
+                "shard_tokens": tokens.sum(0).tolist(), "shard_layer_tokens": tokens.tolist(),
+                "shard_imbalance": imbalance(tokens.double()) if tokens.sum() else None,
+                "expert_replicas": self.placement.num_replicas, "rebalances": list(self.rebalances),
+                "rebalances_skipped": self.skipped}  # fmt: skip
 
     def close(self) -> None:
         self.rt.close()

@@ -248,10 +248,10 @@ def shard_loads(placement: Placement, loads: torch.Tensor) -> torch.Tensor:
 
 
 def imbalance(per_shard: torch.Tensor) -> float:
-    """max/mean tokens per shard, summed over layers ([layers, ep] -> one number; 1.0 is perfectly even)."""
-    total = per_shard.sum(0)
-    mean = float(total.mean())
-    return float(total.max()) / mean if mean > 0 else 1.0
+    """max/mean tokens per shard of [layers, ep] counts: sum over layers of the busiest shard's tokens over the
+    sum of the mean (each layer's dispatch waits for its busiest shard). 1.0 is perfectly even."""
+    mean = float(per_shard.mean(1).sum())
+    return float(per_shard.max(1).values.sum()) / mean if mean > 0 else 1.0
 
 
 def placement_for(cfg: RaymoeConfig) -> Placement:
@@ -275,3 +275,32 @@ def placement_for(cfg: RaymoeConfig) -> Placement:
     except LoadsError as exc:
         raise ConfigError(f"parallel.expert_placement=balanced: {exc}") from None
     return balanced_placement(cfg.model, p, stats.loads)
+
+
+def relabel_like(new: Placement, old: Placement) -> Placement:
+    """``new`` with each layer's shard labels permuted so that as many expert copies as possible stay where
+    ``old`` has them (shards are interchangeable: the permutation changes no shard's load, only what moves).
+
+    Greedy matching, per layer: the (new shard, old shard) pair that shares the most experts first."""
+    shards, extras = [], []
+    for i, layer in enumerate(new.moe_layers):
+        held_new = [set(new.experts_on(k, layer)) for k in range(new.ep)]
+        held_old = [set(old.experts_on(k, layer)) for k in range(old.ep)]
+        pairs = sorted(((len(a & b), -j, -k) for j, a in enumerate(held_new) for k, b in enumerate(held_old)),
+                       reverse=True)  # fmt: skip
+        label: dict[int, int] = {}
+        for _, j, k in pairs:
+            j, k = -j, -k
+            if j not in label and k not in label.values():
+                label[j] = k
+        shards.append(tuple(label[s] for s in new.expert_shards[i]))
+        extras.append(tuple((e, label[s]) for e, s in (new.replicas[i] if new.replicas else ())))
+    return Placement(num_layers=new.num_layers, stage_bounds=new.stage_bounds, moe_layers=new.moe_layers,
+                     expert_shards=tuple(shards), ep=new.ep,
+                     replicas=tuple(extras) if new.replicas else ())  # fmt: skip
+
+
+def moves(new: Placement, old: Placement) -> int:
+    """Expert copies that ``new`` puts on a shard that ``old`` does not hold them on."""
+    return sum(len(set(new.experts_on(k, layer)) - set(old.experts_on(k, layer)))
+               for layer in new.moe_layers for k in range(new.ep))  # fmt: skip

@@ -75,7 +75,7 @@ class Shard(Parking):
             self._reset_step()
         else:
             self.experts.eval()
-            self.served_tokens = 0  # (row, expert) pairs computed since the start: the runner's per-shard load
+            self.served_tokens: dict[int, int] = {}  # layer -> (row, expert) pairs computed since the start
 
     def _index_params(self) -> None:
         """``params`` (full-model names of the stacked tensors) and ``expert_ids`` (each one's global expert ids)."""
@@ -127,7 +127,7 @@ class Shard(Parking):
             with torch.set_grad_enabled(train), autocast_context(self.cfg.train.dtype, self.device):
                 out = experts(x, local_ids, w, partial=True)
         if not self.train_mode:
-            self.served_tokens += int((local_ids >= 0).sum())
+            self.served_tokens[layer] = self.served_tokens.get(layer, 0) + int((local_ids >= 0).sum())
         if train:
             self.graphs[(layer, key)] = (xs, ws, out)
             self.ran.add(layer)
@@ -154,9 +154,11 @@ class Shard(Parking):
     # -- live re-placement (serving) ------------------------------------------------------------
 
     def served(self) -> dict:
-        """Serving: the (row, expert) pairs this shard computed since the start, and the experts it holds."""
+        """Serving: the (row, expert) pairs this shard computed since the start, per MoE layer, and the experts
+        it holds."""
         held = {layer: len(self.placement.experts_on(self.shard, layer)) for layer in self.placement.moe_layers}
-        return {"tokens": self.served_tokens, "experts": held, "param_bytes": self.param_bytes}
+        tokens = [self.served_tokens.get(layer, 0) for layer in self.placement.moe_layers]
+        return {"tokens": tokens, "experts": held, "param_bytes": self.param_bytes}
 
     def export(self, wanted: dict[int, list[int]]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
         """Copies of the weights of experts ``wanted`` (MoE layer -> global expert ids) this shard holds."""

@@ -12,8 +12,8 @@ placement, one after another on one Ray:
   (:func:`raymoe.platform.analysis.loads.find_loads`);
 - ``live``: balanced by the counts of an observation run of the workload on the contiguous graph;
 - ``live + R copies``: the same with ``--redundant`` extra copies of the hottest experts per layer;
-- ``re-placed live``: starts contiguous, with ``rebalance_every`` so that the runner re-places
-  (with the copies) from its own counts during the observation run.
+- ``re-placed live``: starts contiguous, with ``rebalance_every`` (``--rebalance-every``) so that the
+  runner re-places (with the copies) from its own counts during the runs, where that pays.
 
 The workload is skewed on purpose: every prompt is a piece of one standard-library module's
 source (``json``'s decoder and encoder), as a deployment that serves one kind of text sees. The
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=150, help="steps of the default checkpoint (150)")
     parser.add_argument("--ep", type=int, default=4, help="expert shards (default 4)")
     parser.add_argument("--redundant", type=int, default=4, help="extra expert copies per MoE layer (default 4)")
+    parser.add_argument("--rebalance-every", type=int, default=16, help="the re-placing runner's interval (16 steps)")
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests (default 16)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -81,18 +82,19 @@ def _measure(name: str, runner: Any, observe: list[list[int]], measured: list[li
     for _ in range(args.repeats):
         n, seconds = _serve(runner, measured, args.new_tokens)
         rates.append(n / seconds)
-    per_shard = [a - b for a, b in zip(runner.shard_tokens(), before_tokens)]
+    per_shard = (runner.shard_tokens() - before_tokens).double()  # [layers, ep], measured by the shards
     loads = torch.tensor(runner.expert_loads()["loads"], dtype=torch.float64) - before_loads
-    mean = sum(per_shard) / len(per_shard)
     stats = runner.stats()
     experts = [v for k, v in stats["actor_param_bytes"].items() if k.startswith("Shard")]
     return {
         "placement": name,
-        "shard_tokens": per_shard,
-        "imbalance": max(per_shard) / mean if mean else None,
+        "shard_tokens": per_shard.sum(0).tolist(),
+        "imbalance": imbalance(per_shard),
+        "total_imbalance": float(per_shard.sum(0).max() / per_shard.sum(0).mean()),
         "predicted": imbalance(shard_loads(runner.placement, loads)),
         "copies": runner.placement.num_replicas,
         "moved": sum(r["moved"] for r in runner.rebalances),
+        "rebalances": len(runner.rebalances),
         "expert_bytes_max_over_mean": max(experts) / (sum(experts) / len(experts)),
         "expert_bytes": experts,
         "tokens_per_s": statistics.median(rates),
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if training is not None:
         configs.append((f"{training.source} loads", {"expert_loads": training.loads}))
     configs += [("live", {}), (f"live + {args.redundant} copies", {"redundant": args.redundant}),
-                ("re-placed live", {"redundant": args.redundant, "rebalance_every": 4})]  # fmt: skip
+                ("re-placed live", {"redundant": args.redundant, "rebalance_every": args.rebalance_every})]  # fmt: skip
     t_start = time.perf_counter()
     for name, kw in configs:
         if name.startswith("live"):

@@ -125,3 +125,22 @@ def test_bad_placements_are_clear_errors(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="no field 'version'"):
         placement_for(load_config("tiny", ["parallel.expert_placement=balanced", "parallel.ep=2",
                                            f"parallel.expert_loads={tmp_path / 'bad.json'}"]))  # fmt: skip
+
+
+def test_relabeling_keeps_experts_where_they_are() -> None:
+    """A new placement's shard labels are permuted to move the fewest copies; no shard's load changes."""
+    from raymoe.actors.placement import balanced_placement, moves, relabel_like
+
+    model = load_config("bench").model
+    g = torch.Generator().manual_seed(1)
+    loads = torch.rand(5, 32, generator=g) ** 6 * 100
+    old = balanced_placement(model, ParallelConfig(ep=4), loads, 4)
+    swapped = Placement.from_dict({**old.to_dict(), "expert_shards": [[3 - s for s in layer] for layer in
+                                   old.expert_shards], "replicas": [[[e, 3 - s] for e, s in layer] for layer in
+                                   old.replicas]})  # fmt: skip
+    assert moves(swapped, old) > 0 and moves(relabel_like(swapped, old), old) == 0
+    noisy = balanced_placement(model, ParallelConfig(ep=4), loads * (1 + 0.2 * torch.rand(5, 32, generator=g)), 4)
+    kept = relabel_like(noisy, old)
+    assert moves(kept, old) <= moves(noisy, old)
+    # per layer the same loads on other labels
+    assert torch.allclose(shard_loads(kept, loads).sort(1).values, shard_loads(noisy, loads).sort(1).values)
