@@ -26,7 +26,7 @@ from raymoe.platform.checkpoint.layout import OPTIMIZER_PREFIX, experts_file, sp
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
-from raymoe.platform.devices import host, resolve_device
+from raymoe.platform.devices import host, resolve_device, tune_host_allocator
 from raymoe.platform.model.moe import Experts
 from raymoe.platform.model.transformer import init_parameter_, moe_prefix
 from raymoe.platform.train.finetune import restrict
@@ -46,6 +46,8 @@ class Shard(Parking):
 
     def __init__(self, cfg: RaymoeConfig, placement: Placement, shard: int, serving: ServingSpec | None = None):
         self.train_mode = serving is None
+        if self.train_mode:
+            tune_host_allocator()  # as the local trainer: large per-step tensors stay in the heap
         set_threads(cfg.parallel.num_cpus_per_actor if self.train_mode else 0.0, peers=placement.ep)
         self.cfg, self.placement, self.shard = cfg, placement, shard
         self.device = (

@@ -36,7 +36,7 @@ from raymoe.platform.checkpoint.layout import COLOCATED_FILE, OPTIMIZER_PREFIX, 
 from raymoe.platform.checkpoint.reader import load_into, open_checkpoint
 from raymoe.platform.checkpoint.sharded import load_optimizer_state, optimizer_state_tensors, write_part
 from raymoe.platform.config import RaymoeConfig
-from raymoe.platform.devices import host, resolve_device
+from raymoe.platform.devices import host, resolve_device, tune_host_allocator
 from raymoe.platform.inference.cache import BlockCache
 from raymoe.platform.inference.runner import LiveCounts
 from raymoe.platform.model.attention import CausalAttention
@@ -205,6 +205,8 @@ class Stage(Collective):
         serving: ServingSpec | None = None,
     ) -> None:
         self.train_mode = serving is None
+        if self.train_mode:
+            tune_host_allocator()  # as the local trainer: large per-step tensors stay in the heap
         peers = cfg.parallel.dp if self.train_mode else 1  # serving stages take turns: each may use every core
         set_threads(cfg.parallel.num_cpus_per_actor if self.train_mode else 0.0, peers=peers)
         self.cfg, self.placement = cfg, placement

@@ -460,6 +460,10 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
     if opts.device == "cpu":  # a CUDA context maps far more address space than it uses: no limit there
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_mib * MIB, resource.RLIM_INFINITY))
     torch.set_num_threads(os.cpu_count() or 1)
+    # every implementation gets the allocator setting our trainer uses ($RAYMOE_MALLOC_MMAP_THRESHOLD=0: none)
+    from raymoe.platform.devices import tune_host_allocator
+
+    tune_host_allocator()
     torch.manual_seed(SEED)
     cfg = load_config(opts.preset, opts.overrides)
     try:

@@ -28,7 +28,7 @@ from raymoe.platform.checkpoint.sharded import (
     write_part,
 )
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
-from raymoe.platform.devices import resolve_device
+from raymoe.platform.devices import resolve_device, tune_host_allocator
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
 from raymoe.platform.train.optim import build_optimizer, cosine_lr, optimizer_step
@@ -134,6 +134,7 @@ class LocalTrainer:
 
     def __init__(self, cfg: RaymoeConfig, model: DeepseekV3 | None = None) -> None:
         self.cfg = cfg
+        tune_host_allocator()  # every step's large casts and gradients reuse heap memory, not fresh mappings
         self.model = model if model is not None else build_model(cfg, resolve_device(cfg.parallel.device))
         self.model.train()
         self.device = self.model.device

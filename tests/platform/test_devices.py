@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -48,3 +50,25 @@ def test_trainers_on_cuda_without_a_gpu_fail_at_start_naming_the_field() -> None
         LocalTrainer(load_config("tiny", ["parallel.device=cuda"]))
     with pytest.raises(ConfigError, match="parallel.device=cuda"):  # each actor resolves its device (in process here)
         GraphTrainer(load_config("tiny", ["parallel.device=cuda", "parallel.ep=2"]), in_process=True)
+
+
+def test_host_allocator_tuning_is_opt_in_and_checked() -> None:
+    """$RAYMOE_MALLOC_MMAP_THRESHOLD: off by default, glibc's thresholds set when given, a bad value names the
+    variable. Each case in a fresh process (the setting is per process and once)."""
+    import subprocess
+    import sys
+
+    code = "from raymoe.platform.devices import tune_host_allocator as t\nprint(t(), t())"
+
+    def run(value: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "RAYMOE_MALLOC_MMAP_THRESHOLD"}
+        if value is not None:
+            env["RAYMOE_MALLOC_MMAP_THRESHOLD"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    assert run(None).stdout.split() == ["0", "0"]
+    assert run("0").stdout.split() == ["0", "0"]
+    assert run(str(1 << 30)).stdout.split() == [str(1 << 30)] * 2  # glibc took it (mallopt returned 1)
+    for bad, words in (("lots", "must be a number of bytes"), (str(1 << 31), "must be below 2 GiB")):
+        out = run(bad)
+        assert out.returncode != 0 and words in out.stderr

@@ -224,3 +224,37 @@ def test_expert_paths_agree() -> None:
     assert (experts(x, partial, w, partial=True) - ref_partial).abs().max() < 1e-5
     none_here = torch.full_like(idx, -1)
     assert torch.equal(experts(x, none_here, w, partial=True), torch.zeros_like(x))
+
+
+def test_cpu_grouped_experts_pad_row_blocks_without_changing_results(monkeypatch) -> None:  # noqa: ANN001
+    """bf16 on the CPU: every expert's row block goes to grouped_mm rounded up to CPU_ROW_MULTIPLE rows (so
+    GEMM shapes repeat across steps), and outputs and gradients equal the unpadded pass."""
+    from raymoe.platform.model import moe
+
+    torch.manual_seed(0)
+    experts = moe.Experts(8, 64, 32)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(50, 64)
+    idx, w = torch.randint(0, 8, (50, 2)), torch.rand(50, 2)
+    seen = []
+    real = moe.GROUPED_MM
+
+    def spy(a, b, offs):  # noqa: ANN001, ANN202
+        seen.append(offs.tolist())
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(moe, "GROUPED_MM", spy)
+    results = {}
+    for multiple in (1, moe.CPU_ROW_MULTIPLE):
+        monkeypatch.setattr(moe, "CPU_ROW_MULTIPLE", multiple)
+        experts.zero_grad()
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts(xg, idx, w)
+        y.float().pow(2).sum().backward()
+        results[multiple] = [y.detach(), xg.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()]
+    assert all(o % 64 == 0 for o in seen[-1]) and seen[-1][-1] > 100  # padded blocks (100 pairs unpadded)
+    assert seen[0][-1] == 100
+    for a, b in zip(results[1], results[moe.CPU_ROW_MULTIPLE]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
