@@ -112,9 +112,13 @@ class _FlightHooks(Hooks):
         if self.fl.recorder is not None:
             self.fl.recorder.route(layer, idx, weights, scores)
 
-    def head(self, depth: int, logits: torch.Tensor) -> None:
+    @property
+    def wants_predictions(self) -> bool:  # type: ignore[override]
+        return self.fl.recorder is not None and self.fl.recorder.wants_predictions
+
+    def predicted(self, depth: int, tokens: torch.Tensor) -> None:
         if self.fl.recorder is not None:
-            self.fl.recorder.head(depth, logits)
+            self.fl.recorder.predicted(depth, tokens)
 
     def aux_loss(self, loss: torch.Tensor) -> None:
         if self.fl.train:

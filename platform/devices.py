@@ -51,20 +51,24 @@ def host(t: torch.Tensor | None) -> torch.Tensor | None:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_ENV = "RAYMOE_MALLOC_MMAP_THRESHOLD"
-DEFAULT_MMAP_THRESHOLD = 0  # opt-in: faster large casts for more resident memory (measured below)
+DEFAULT_MMAP_THRESHOLD = 256 * 2**20  # allocations below this come from the heap (measured below)
 
 
 def tune_host_allocator() -> int:
-    """With ``$RAYMOE_MALLOC_MMAP_THRESHOLD`` bytes set, keep host allocations up to that size in glibc's heap
-    instead of a fresh ``mmap`` each (once per process; returns the threshold in force, 0 when untouched).
+    """Keep host allocations up to ``$RAYMOE_MALLOC_MMAP_THRESHOLD`` bytes (default 256 MiB; 0: glibc's own
+    thresholds) in glibc's heap instead of a fresh ``mmap`` each (once per process; returns the threshold in
+    force, 0 when untouched).
 
-    By default glibc gives a large allocation its own mapping and unmaps it on free, so every
-    step's bf16 weight copies, logits and their gradients are page-faulted in again. Measured with
-    ``raymoe bench model --impls ours,grouped_mm --dtypes bf16`` (Xeon with AMX, 2 cores,
-    2026-12-02, two runs each, both implementations under the same setting): with 1 GiB (1073741824)
-    our bf16 step ran 2,241 and 2,244 tok/s against 2,027 and 2,070 without, at a peak of 2,738
-    and 2,801 MiB against 2,632 and 2,608, above transformers' (2,623 and 2,671). So it is off
-    unless asked for. Not glibc (musl, macOS): nothing is done."""
+    By default glibc gives an allocation above 32 MiB (less before its threshold adapts) its own mapping
+    and unmaps it on free, so every step's bf16 weight copies and float32 weight gradients are
+    page-faulted in again: on a 2-core Xeon with AMX (2026-12-02) a 32 MiB bf16 -> float32 cast took
+    7.0 ms into fresh pages against 1.0 ms into reused ones, and a bench-preset bf16 step took 41-92 k
+    minor faults. Measured on the bench preset's bf16 LocalTrainer step (median of 8, same machine and day, two
+    processes each, after the fused loss and attention of issue 18): 0.806 / 0.873 s a step with glibc's
+    thresholds, 0.758 / 0.742 s with 256 MiB (faults: 1 a step), 0.748 / 0.738 s with 1 GiB, peaks
+    2,522 / 2,666, 2,620 / 2,477 and 2,515 / 2,510 MiB. Before the fused loss freed the whole-logits
+    buffers the same setting cost 100-200 MiB of peak; now the peaks overlap, so it is on by default.
+    Not glibc (musl, macOS): nothing is done."""
     global _tuned
     if _tuned is not None:
         return _tuned

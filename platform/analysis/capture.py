@@ -89,7 +89,7 @@ class RoutingRecorder(Hooks):
         self.bias = {layer: moe.gate.e_score_correction_bias for layer, moe in part.moe_by_layer().items()}
         self.keep_scores = keep_scores
         self.layers: dict[int, LayerRouting] = {}
-        self.predicted: dict[int, torch.Tensor] = {}
+        self.predictions: dict[int, torch.Tensor] = {}
 
     def route(self, layer: int, idx: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor) -> None:
         bias = self.bias.get(layer)
@@ -98,14 +98,16 @@ class RoutingRecorder(Hooks):
         biased = biased_scores(scores.detach(), bias) if self.keep_scores else None
         self.layers[layer] = LayerRouting(idx.detach(), weights.detach(), biased)
 
-    def head(self, depth: int, logits: torch.Tensor) -> None:
-        self.predicted[depth] = logits.detach().argmax(dim=-1)
+    wants_predictions = True
+
+    def predicted(self, depth: int, tokens: torch.Tensor) -> None:
+        self.predictions[depth] = tokens
 
     def take(self) -> tuple[dict[int, LayerRouting], dict[int, torch.Tensor]]:
         """What was recorded since the last call, on the CPU: (routing by layer, predicted tokens by depth)."""
         layers = {layer: r.cpu() for layer, r in self.layers.items()}
-        predicted = {d: p.cpu() for d, p in self.predicted.items()}
-        self.layers, self.predicted = {}, {}
+        predicted = {d: p.cpu() for d, p in self.predictions.items()}
+        self.layers, self.predictions = {}, {}
         return layers, predicted
 
     def record(self, input_ids: torch.Tensor, labels: torch.Tensor, num_hidden_layers: int) -> RoutingRecord:

@@ -104,7 +104,10 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S|T, .]
         if start == 0 and S == T:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            dv, dqk = v.shape[-1], q.shape[-1]
+            if dv < dqk:  # zero columns make v as wide as q and k, so that SDPA takes its fused kernel
+                v = F.pad(v, (0, dqk - dv))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)[..., :dv]
         else:  # a chunk on a warm cache: row i sees keys up to start + i
             # written out, not SDPA with a mask: on the CPU the masked SDPA takes its math fallback, 51 ms
             # against 13 ms for this (bench preset, bf16, one thread, S = 512 over T = 1024, 2026-12-02; the

@@ -57,8 +57,12 @@ class Hooks:
     def aux_loss(self, loss: torch.Tensor) -> None:
         """A sequence-wise balance loss term, computed now (training with ``seq_aux_alpha > 0``)."""
 
-    def head(self, depth: int, logits: torch.Tensor) -> None:
-        """The logits [N, V] of ``depth`` (0: the main model, k: MTP depth k) in :func:`loss_program`, computed now."""
+    # whether :meth:`predicted` must be called: the training loss then takes each row's argmax too
+    wants_predictions: bool = False
+
+    def predicted(self, depth: int, tokens: torch.Tensor) -> None:
+        """The argmax tokens [N] of the head's logits at ``depth`` (0: the main model, k: MTP depth k) in
+        :func:`loss_program`, computed now, when :attr:`wants_predictions`."""
 
     def loss_term(self, loss: torch.Tensor, weight: float) -> None:
         """A term of the objective (main or an MTP depth), computed now, and its weight in :func:`total_loss`."""
@@ -211,6 +215,94 @@ def head(part: DeepseekV3, h: torch.Tensor, norm: torch.nn.Module | None = None)
     return part.lm_head(norm(h) if norm is not None else h).float()
 
 
+def head_loss(
+    part: DeepseekV3,
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    depth: int,
+    norm: torch.nn.Module | None = None,
+    hooks: Hooks = NO_HOOKS,
+) -> torch.Tensor:
+    """Mean cross-entropy of :func:`head`'s logits of h [N, D] against labels [N] (-100 = ignore), by
+    :func:`linear_cross_entropy`, which never holds the [N, V] logits; hooks that want the predicted
+    tokens (``Hooks.wants_predictions``) get each row's argmax from the same chunks."""
+    x = norm(h) if norm is not None else h
+    if not hooks.wants_predictions:
+        return linear_cross_entropy(x, part.lm_head.weight, labels)
+    loss, tokens = linear_cross_entropy(x, part.lm_head.weight, labels, predict=True)
+    hooks.predicted(depth, tokens)
+    return loss
+
+
+# rows of logits a chunk of linear_cross_entropy holds at once: this many elements (float32, 8 MiB)
+LOSS_CHUNK_ELEMENTS = 1 << 21
+LOSS_MIN_CHUNK_ROWS = 64
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, predict: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=-100)`` without the logits.
+
+    x [N, D], weight [V, D] (the head's; float32 master weights under autocast), labels [N]. The
+    rows go through in chunks of about :data:`LOSS_CHUNK_ELEMENTS` logits: each chunk's logits
+    (products in :func:`compute_dtype`, softmax in float32) give its share of the loss and, when a
+    gradient is wanted, at once its gradient for x and weight (the weight's summed in float32), so
+    the backward is a scaling. Peak memory is one chunk's logits instead of the whole [N, V] in
+    two dtypes and their gradients. Mean over the rows not ignored; NaN when all are, as
+    ``F.cross_entropy``. ``predict``: also return each row's argmax token [N]."""
+    need = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device) if predict else None
+    loss = _LinearCrossEntropy.apply(x, weight, labels, compute_dtype(x), need, tokens)
+    return (loss, tokens) if predict else loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, dtype, need, tokens):  # noqa: ANN001, ANN205
+        N, V = x.shape[0], weight.shape[0]
+        w = weight.to(dtype)
+        keep = labels != IGNORE_INDEX
+        n = keep.sum()
+        scale = 1.0 / n.clamp_min(1).to(torch.float32)  # d(mean)/d(row loss) of a row kept
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device) if need and x.requires_grad else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need and weight.requires_grad else None
+        )
+        rows = max(LOSS_MIN_CHUNK_ROWS, LOSS_CHUNK_ELEMENTS // max(V, 1))
+        with torch.autocast(x.device.type, enabled=False):
+            for s in range(0, N, rows):
+                xc = x[s : s + rows].to(dtype)
+                target, kept = labels[s : s + rows].clamp_min(0).unsqueeze(1), keep[s : s + rows]
+                z = F.linear(xc, w).float()  # [c, V]
+                lse = torch.logsumexp(z, dim=-1)
+                total += ((lse - z.gather(1, target).squeeze(1)) * kept).sum()
+                if tokens is not None:
+                    torch.argmax(z, dim=-1, out=tokens[s : s + rows])
+                if grad_x is None and grad_w is None:
+                    continue
+                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax: d(row loss)/dz = softmax - one_hot(target)
+                g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
+                g = g.mul_((kept * scale).unsqueeze(1)).to(dtype)
+                if grad_x is not None:
+                    torch.mm(g, w, out=grad_x[s : s + rows])
+                if grad_w is not None:
+                    grad_w += torch.mm(g.t(), xc)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grad_x, grad_w = ctx.saved_tensors
+        if grad_x is not None:
+            grad_x = (grad_x * grad_out.to(grad_x.dtype)).to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None, None
+
+
 def loss_program(
     part: DeepseekV3,
     h: torch.Tensor,
@@ -226,9 +318,7 @@ def loss_program(
     hidden state of depth k-1 with the embedding of t_{i+k} = labels[i+k-1] and predicts
     t_{i+k+1} = labels[i+k]. ``mtp_emb`` [depth, B*S, D] are those embeddings when the embedding
     lives elsewhere (the first stage of the actor graph). Returns (main loss, MTP loss per depth)."""
-    main_logits = head(part, h)
-    hooks.head(0, main_logits)
-    main = F.cross_entropy(main_logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    main = head_loss(part, h, labels.reshape(-1), 0, hooks=hooks)
     hooks.loss_term(main, 1.0)
     losses: list[torch.Tensor] = []
     modules = part.mtp_modules() if mtp_lambda > 0 else []
@@ -236,9 +326,7 @@ def loss_program(
     for k, module in enumerate(modules, start=1):
         emb = mtp_emb[k - 1] if mtp_emb is not None else part.model.embed_tokens(mtp_input_tokens(labels, k))
         h_k = yield from mtp_program(module, part, h_prev, emb.reshape(h.shape[0], -1), ctx, hooks)
-        logits = head(part, h_k, module.shared_head.norm)
-        hooks.head(k, logits)
-        losses.append(F.cross_entropy(logits, mtp_targets(labels, k).reshape(-1), ignore_index=IGNORE_INDEX))
+        losses.append(head_loss(part, h_k, mtp_targets(labels, k).reshape(-1), k, module.shared_head.norm, hooks))
         hooks.loss_term(losses[-1], mtp_lambda / len(modules))
         h_prev = h_k
     return main, losses
@@ -293,7 +381,7 @@ def logits(model: DeepseekV3, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Collect(Hooks):
-    """Hooks that keep the balance losses (and pass the routing and the logits on to the caller's hooks)."""
+    """Hooks that keep the balance losses (and pass the routing and the predictions on to the caller's hooks)."""
 
     def __init__(self, inner: Hooks | None) -> None:
         self.inner = inner or NO_HOOKS
@@ -302,8 +390,12 @@ class _Collect(Hooks):
     def route(self, layer, idx, weights, scores):  # noqa: ANN001, ANN201
         self.inner.route(layer, idx, weights, scores)
 
-    def head(self, depth: int, logits: torch.Tensor) -> None:
-        self.inner.head(depth, logits)
+    @property
+    def wants_predictions(self) -> bool:  # type: ignore[override]
+        return self.inner.wants_predictions
+
+    def predicted(self, depth: int, tokens: torch.Tensor) -> None:
+        self.inner.predicted(depth, tokens)
 
     def aux_loss(self, loss: torch.Tensor) -> None:
         self.aux.append(loss)

@@ -19,7 +19,7 @@ class LoadCounter(Hooks):
     ``loads()`` is [len(layers), E] float32 (exact past 256, unlike bf16) in the order of ``layers``
     (main layers, then MTP modules: :class:`~raymoe.platform.model.transformer.DeepseekV3`'s
     ``moe_by_layer`` order); ``reset()`` starts again. Routing of other layers is ignored. ``inner``
-    hooks (e.g. a :class:`~raymoe.platform.analysis.capture.RoutingRecorder`) see the routing and logits too."""
+    hooks (e.g. a :class:`~raymoe.platform.analysis.capture.RoutingRecorder`) see the routing and predictions too."""
 
     def __init__(self, layers: list[int], n_experts: int, inner: Hooks | None = None) -> None:
         self.index = {layer: i for i, layer in enumerate(layers)}
@@ -33,9 +33,13 @@ class LoadCounter(Hooks):
         if self.inner is not None:
             self.inner.route(layer, idx, weights, scores)
 
-    def head(self, depth: int, logits: torch.Tensor) -> None:
+    @property
+    def wants_predictions(self) -> bool:  # type: ignore[override]
+        return self.inner is not None and self.inner.wants_predictions
+
+    def predicted(self, depth: int, tokens: torch.Tensor) -> None:
         if self.inner is not None:
-            self.inner.head(depth, logits)
+            self.inner.predicted(depth, tokens)
 
     def loads(self) -> torch.Tensor:
         return self.counts.clone()

@@ -52,9 +52,9 @@ def test_trainers_on_cuda_without_a_gpu_fail_at_start_naming_the_field() -> None
         GraphTrainer(load_config("tiny", ["parallel.device=cuda", "parallel.ep=2"]), in_process=True)
 
 
-def test_host_allocator_tuning_is_opt_in_and_checked() -> None:
-    """$RAYMOE_MALLOC_MMAP_THRESHOLD: off by default, glibc's thresholds set when given, a bad value names the
-    variable. Each case in a fresh process (the setting is per process and once)."""
+def test_host_allocator_tuning_has_a_default_and_is_checked() -> None:
+    """$RAYMOE_MALLOC_MMAP_THRESHOLD: 256 MiB by default, 0 turns it off, glibc's thresholds set when given, a bad
+    value names the variable. Each case in a fresh process (the setting is per process and once)."""
     import subprocess
     import sys
 
@@ -66,7 +66,7 @@ def test_host_allocator_tuning_is_opt_in_and_checked() -> None:
             env["RAYMOE_MALLOC_MMAP_THRESHOLD"] = value
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
-    assert run(None).stdout.split() == ["0", "0"]
+    assert run(None).stdout.split() == [str(256 << 20)] * 2
     assert run("0").stdout.split() == ["0", "0"]
     assert run(str(1 << 30)).stdout.split() == [str(1 << 30)] * 2  # glibc took it (mallopt returned 1)
     for bad, words in (("lots", "must be a number of bytes"), (str(1 << 31), "must be below 2 GiB")):

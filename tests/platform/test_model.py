@@ -258,3 +258,97 @@ def test_cpu_grouped_experts_pad_row_blocks_without_changing_results(monkeypatch
     assert seen[0][-1] == 100
     for a, b in zip(results[1], results[moe.CPU_ROW_MULTIPLE]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_linear_cross_entropy_equals_the_whole_logits(dtype: str, monkeypatch) -> None:  # noqa: ANN001
+    """The chunked head loss against F.cross_entropy of the whole float32 logits: loss and both gradients,
+    over several chunks and a ragged last one, with ignored rows; float32 to rounding, bf16 to its own."""
+    import torch.nn.functional as F
+
+    from raymoe.platform.model import forward
+
+    monkeypatch.setattr(forward, "LOSS_CHUNK_ELEMENTS", 300 * 100)  # chunks of 100 rows over 257
+    monkeypatch.setattr(forward, "LOSS_MIN_CHUNK_ROWS", 1)
+    torch.manual_seed(0)
+    x = torch.randn(257, 64)
+    w = torch.randn(300, 64) * 0.1
+    labels = torch.randint(0, 300, (257,))
+    labels[::7] = forward.IGNORE_INDEX
+    results = []
+    for fused in (False, True):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if fused:
+                loss = forward.linear_cross_entropy(xg, wg, labels)
+            else:
+                loss = F.cross_entropy(F.linear(xg, wg).float(), labels, ignore_index=forward.IGNORE_INDEX)
+        (loss * 3).backward()  # a weight on the loss reaches both gradients
+        results.append((loss.detach(), xg.grad, wg.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for fused, plain in zip(results[1][1:], results[0][1:]):  # bf16: within 2 % of the gradient's largest entry
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == "fp32" else dict(rtol=0.0, atol=2e-2 * plain.abs().max().item())
+        torch.testing.assert_close(fused, plain, **tol)
+    assert results[1][1].dtype == x.dtype and results[1][2].dtype == w.dtype
+    # no gradient wanted: the loss alone; every row ignored: NaN, as F.cross_entropy
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        torch.testing.assert_close(forward.linear_cross_entropy(x, w, labels), results[1][0], rtol=0, atol=0)
+    assert forward.linear_cross_entropy(x, w, torch.full_like(labels, forward.IGNORE_INDEX)).isnan()
+
+
+def test_training_loss_gives_predictions_only_to_hooks_that_want_them() -> None:
+    """Hooks that want the predicted tokens (the routing recorder) get each row's argmax of the head's logits,
+    main and MTP, and the loss is bit for bit the one without them."""
+    from raymoe.platform.model.attention import CausalAttention
+    from raymoe.platform.model.forward import Hooks, drive, head, local_experts, loss, main_program
+
+    class Seen(Hooks):
+        def __init__(self, wants: bool) -> None:
+            self.wants_predictions, self.seen = wants, {}
+
+        def predicted(self, depth: int, tokens: torch.Tensor) -> None:
+            self.seen[depth] = tokens
+
+    cfg = tiny_variant(num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg)
+    model.init_weights()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    outs, seen = {}, {}
+    for wants in (False, True):
+        seen[wants] = Seen(wants)
+        outs[wants] = loss(model, ids, ids, mtp_lambda=0.3, hooks=seen[wants])
+    assert seen[False].seen == {} and set(seen[True].seen) == {0, 1}
+    assert torch.equal(outs[True].loss, outs[False].loss) and not outs[True].loss.isnan()
+    with torch.no_grad():
+        h = drive(main_program(model, CausalAttention.of(2, 12), tokens=ids.reshape(-1)), local_experts(model))
+        assert torch.equal(seen[True].seen[0], head(model, h).argmax(-1))
+
+
+def test_training_attention_takes_the_fused_kernel_and_equals_the_written_out_one() -> None:
+    """Causal attention of whole sequences pads v to the query width so that SDPA runs its fused (flash)
+    CPU kernel, not its math fallback; the output equals attention written out, in float32."""
+    from torch.profiler import profile
+
+    from raymoe.platform.model.attention import MLA
+
+    cfg = tiny_variant()
+    torch.manual_seed(0)
+    mla = MLA(cfg, 0)
+    B, S, H = 2, 9, cfg.num_attention_heads
+    q_nope, q_pe = torch.randn(B, S, H, cfg.qk_nope_head_dim), torch.randn(B, S, H, cfg.qk_rope_head_dim)
+    c_kv, k_pe = torch.randn(B, S, cfg.kv_lora_rank), torch.randn(B, S, cfg.qk_rope_head_dim)
+    assert cfg.v_head_dim != cfg.qk_head_dim
+    with profile() as prof:
+        out = mla.naive(q_nope, q_pe, c_kv, k_pe)
+    names = {e.key for e in prof.key_averages()}
+    assert any("flash_attention" in n for n in names) and not any("attention_math" in n for n in names)
+    with torch.no_grad():  # attention written out in float32
+        kv = mla.kv_b_proj(c_kv).view(B, S, H, -1)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, H, cfg.qk_rope_head_dim)), dim=-1).transpose(1, 2)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * mla.softmax_scale
+        scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        want = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
