@@ -44,6 +44,7 @@ from raymoe.platform.model.forward import (
     IGNORE_INDEX,
     ExpertCall,
     Hooks,
+    compile_regions,
     head,
     local_experts,
     loss_program,
@@ -237,6 +238,7 @@ class Stage(Collective):
         self.compute_s = 0.0
         if self.train_mode:
             self.part.train()
+            compile_regions(self.part, cfg.train.compile)
             restrict(self.params, cfg)  # a fine-tune's frozen parameters (full: none)
             self.optimizer = build_optimizer(self.params, cfg.train)
             self._reset_step()

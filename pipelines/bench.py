@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raymoe.pipelines.benchmarks.model_bench import (
+    COMPILED,
     DTYPES,
     IMPLEMENTATIONS,
     MODES,
@@ -29,6 +30,7 @@ from raymoe.pipelines.benchmarks.model_bench import (
     BenchOptions,
     Job,
     check_options,
+    is_ours,
     plan_jobs,
     run_model_bench,
 )
@@ -86,7 +88,10 @@ def _register_model(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=4")
     parser.add_argument("--preset", help=f"preset or .yaml (default {defaults.preset}; {quick.preset} with --quick)")
     parser.add_argument(
-        "--impls", type=_csv, help=f"comma list of {','.join(IMPLEMENTATIONS)} (default all; {OURS},eager with --quick)"
+        "--impls",
+        type=_csv,
+        help=f"comma list of {','.join(IMPLEMENTATIONS)} (default all; {OURS},eager with --quick), each also as "
+        f"IMPL{COMPILED} (training with regional torch.compile; its first step, which compiles, is shown apart)",
     )
     parser.add_argument(
         "--dtypes", type=_csv, help=f"comma list of {','.join(DTYPES)} (default both; fp32 with --quick)"
@@ -145,7 +150,7 @@ def run_model(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report))
-    ours_failed = any(c["impl"] == OURS and (c["train_error"] or c["decode_error"]) for c in report["configs"])
+    ours_failed = any(is_ours(c["impl"]) and (c["train_error"] or c["decode_error"]) for c in report["configs"])
     return 1 if ours_failed else 0
 
 
@@ -156,22 +161,25 @@ def _cell(value: float | None, fmt: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned columns, then the failures, the speedups and the peak memory."""
     rates = report["matmul_tflops"]
-    header = ("impl", "dtype", "train tok/s", "x HF", "MFU", "peak MiB", "decode tok/s", "x HF", "MFU", "peak MiB")
+    header = ("impl", "dtype", "train tok/s", "x HF", "MFU", "peak MiB", "1st step s", "decode tok/s", "x HF", "MFU",
+              "peak MiB")  # fmt: skip
     best_hf = {}
     for mode in MODES:
-        hf = [c[f"{mode}_tokens_per_s"] for c in report["configs"] if c["impl"] != OURS and c[f"{mode}_tokens_per_s"]]
+        key = f"{mode}_tokens_per_s"
+        hf = [c[key] for c in report["configs"] if not is_ours(c["impl"]) and c[key]]
         best_hf[mode] = max(hf, default=None)
     rows = []
     for c in report["configs"]:
-        row = [c["impl"] if c["impl"] == OURS else f"hf {c['impl']}", c["dtype"]]
+        row = [c["impl"] if is_ours(c["impl"]) else f"hf {c['impl']}", c["dtype"]]
         for mode in MODES:
             tps = c[f"{mode}_tokens_per_s"]
             ratio = tps / best_hf[mode] if tps and best_hf[mode] else None
-            if tps is None:
-                row += ["failed", "-", "-", "-"]
+            extra = [_cell(c.get(f"{mode}_first_s"), ".2f")] if mode == "train" else []
+            if tps is None:  # failed, or not run (decode of a +compile row)
+                row += ["failed" if c[f"{mode}_error"] else "-", "-", "-", "-", *(["-"] if extra else [])]
                 continue
             row += [format(tps, ",.1f"), _cell(ratio, ".2f"), _cell(c[f"{mode}_mfu"], ".1%")]
-            row.append(_cell(c[f"{mode}_peak_mib"], ",.0f"))
+            row += [_cell(c[f"{mode}_peak_mib"], ",.0f"), *extra]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 

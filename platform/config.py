@@ -138,6 +138,7 @@ class TrainConfig:
     keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
     init_from: str = ""  # start from this checkpoint's weights (any layout, path or URI; step 0, fresh optimizer)
     dtype: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 matmuls, fp32 master weights)
+    compile: bool = False  # torch.compile each block's dense parts (attention, norms, gate, shared experts)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0

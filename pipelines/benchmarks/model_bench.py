@@ -60,6 +60,10 @@ OURS = "ours"
 HF_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers 5's experts kernels that run on CPU
 HF_CUDA_ONLY_IMPLEMENTATIONS = ("deepgemm", "sonicmoe")  # also registered, but CUDA kernels: reported as skipped
 IMPLEMENTATIONS = (OURS, *HF_EXPERTS_IMPLEMENTATIONS)
+# IMPL+compile: the training step with regional torch.compile, ours by ``train.compile`` (each block's
+# dense parts), transformers' by compiling each decoder layer (its documented regional recipe); train only
+COMPILED = "+compile"
+CHOICES = (*IMPLEMENTATIONS, *(impl + COMPILED for impl in IMPLEMENTATIONS))
 DTYPES = ("fp32", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("train", "decode")
@@ -126,7 +130,7 @@ class Job:
 
 def check_options(opts: BenchOptions) -> RaymoeConfig:
     """Validate ``opts``; return the config it benchmarks. Raises :class:`ConfigError` naming the bad option."""
-    for name, chosen, allowed in (("--impls", opts.impls, IMPLEMENTATIONS), ("--dtypes", opts.dtypes, DTYPES)):
+    for name, chosen, allowed in (("--impls", opts.impls, CHOICES), ("--dtypes", opts.dtypes, DTYPES)):
         unknown = [x for x in chosen if x not in allowed]
         if unknown or not chosen:
             raise ConfigError(f"{name} {','.join(chosen)!r}: choose from {','.join(allowed)}")
@@ -149,8 +153,24 @@ def check_options(opts: BenchOptions) -> RaymoeConfig:
 
 
 def plan_jobs(opts: BenchOptions) -> list[Job]:
-    """The matmul rates first, then every implementation × dtype × mode, ours first."""
-    return [Job("matmul")] + [Job(mode, impl, dtype) for impl in opts.impls for dtype in opts.dtypes for mode in MODES]
+    """The matmul rates first, then every implementation × dtype × mode (``+compile``: train only)."""
+    return [Job("matmul")] + [
+        Job(mode, impl, dtype)
+        for impl in opts.impls
+        for dtype in opts.dtypes
+        for mode in MODES
+        if mode == "train" or not compiled(impl)
+    ]
+
+
+def compiled(impl: str) -> bool:
+    """Whether ``impl`` (a ``--impls`` choice) trains with regional torch.compile."""
+    return impl.endswith(COMPILED)
+
+
+def is_ours(impl: str) -> bool:
+    """Whether ``impl`` is our model (compiled or not)."""
+    return impl.removesuffix(COMPILED) == OURS
 
 
 # --------------------------------------------------------------------------- the driver
@@ -227,8 +247,11 @@ def flops_per_token(cfg: RaymoeConfig, opts: BenchOptions) -> dict[str, float]:
 
 
 def _best(configs: list[dict[str, Any]], mode: str, ours: bool) -> dict[str, Any] | None:
-    rows = [c for c in configs if (c["impl"] == OURS) == ours and c[f"{mode}_tokens_per_s"]]
+    rows = [c for c in configs if is_ours(c["impl"]) == ours and c[f"{mode}_tokens_per_s"]]
     return max(rows, key=lambda c: c[f"{mode}_tokens_per_s"], default=None)
+
+
+NOT_RUN: dict[str, Any] = {"ok": False}  # a (configuration, mode) not planned (decode of a +compile row)
 
 
 def summarize(
@@ -247,7 +270,7 @@ def summarize(
         for dtype in opts.dtypes:
             row: dict[str, Any] = {"impl": impl, "dtype": dtype}
             for mode in MODES:
-                r = results[Job(mode, impl, dtype)]
+                r = results.get(Job(mode, impl, dtype), NOT_RUN)
                 ok = bool(r.get("ok"))
                 tps = r["tokens_per_s"] if ok else None
                 rate = rates.get(dtype)
@@ -256,7 +279,8 @@ def summarize(
                 row[f"{mode}_peak_mib"] = r.get("peak_mib")
                 row[f"{mode}_base_mib"] = r.get("base_mib")  # resident after imports, before the model is built
                 row[f"{mode}_seconds"] = r.get("seconds")  # each timed step / generate call
-                row[f"{mode}_error"] = None if ok else r.get("error", "unknown error")
+                row[f"{mode}_first_s"] = r.get("first_s")  # the first (untimed) call: compiles happen here
+                row[f"{mode}_error"] = None if ok or r is NOT_RUN else r.get("error", "unknown error")
             configs.append(row)
     report: dict[str, Any] = {
         "preset": opts.preset,
@@ -316,10 +340,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(call: Callable[[], object], warmup: int, repeats: int, device: str = "cpu") -> list[float]:
-    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (the device synchronized around each)."""
-    for _ in range(warmup):
+def _timed(
+    call: Callable[[], object], warmup: int, repeats: int, device: str = "cpu"
+) -> tuple[float | None, list[float]]:
+    """Seconds of the first of ``warmup`` untimed calls (None without one; a compile happens there) and of
+    each of ``repeats`` calls after them (the device synchronized around each)."""
+    first = None
+    for i in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
         call()
+        _sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
     seconds = []
     for _ in range(repeats):
         _sync(device)
@@ -327,7 +360,7 @@ def _timed(call: Callable[[], object], warmup: int, repeats: int, device: str = 
         call()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
-    return seconds
+    return first, seconds
 
 
 def _random_tokens(cfg: RaymoeConfig, batch: int, length: int) -> torch.Tensor:
@@ -396,16 +429,21 @@ def _train(cfg: RaymoeConfig, job: Job, opts: BenchOptions) -> tuple[Callable[[]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     cfg.train.dtype = job.dtype
     cfg.parallel.device = opts.device
-    if job.impl == OURS:
+    impl = job.impl.removesuffix(COMPILED)
+    if impl == OURS:
         from raymoe.platform.train.trainer import LocalTrainer
 
+        cfg.train.compile = compiled(job.impl)
         trainer = LocalTrainer(cfg)
         return (lambda: trainer.train_step([(inputs, labels)])), inputs.numel()
 
     from raymoe.platform.train.optim import build_optimizer
     from raymoe.platform.train.trainer import autocast_context
 
-    model = _hf_model(cfg, job.impl).to(device).train()
+    model = _hf_model(cfg, impl).to(device).train()
+    if compiled(job.impl):
+        for layer in model.model.layers:  # regional compilation: each decoder layer, as transformers documents
+            layer.compile()
     optimizer = build_optimizer(list(model.named_parameters()), cfg.train)  # the same AdamW as ours
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -469,17 +507,17 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
     try:
         if job.kind == "matmul":
             return _measure_matmuls(cfg, opts)
-        if job.impl != OURS:
+        if not is_ours(job.impl):
             import transformers  # noqa: F401 - imported before the base measurement, like ours' modules
 
         base_mib = _memory_mib(opts.device)[0]
         if job.kind == "train":
             call, tokens = _train(cfg, job, opts)
-            seconds = _timed(call, opts.warmup_steps, opts.train_steps, opts.device)
+            first, seconds = _timed(call, opts.warmup_steps, opts.train_steps, opts.device)
         else:
             call, tokens = _decode(cfg, job, opts)
             with torch.inference_mode():
-                seconds = _timed(call, 1, opts.decode_repeats, opts.device)
+                first, seconds = _timed(call, 1, opts.decode_repeats, opts.device)
     except (MemoryError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, MemoryError) or "allocate" in text:
@@ -491,6 +529,7 @@ def run_worker(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str,
         "ok": True,
         "tokens_per_s": tokens / statistics.median(seconds),  # the median resists another process's burst
         "seconds": seconds,
+        "first_s": first,
         "peak_mib": _memory_mib(opts.device)[1],
         "base_mib": base_mib,
     }

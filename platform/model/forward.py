@@ -144,12 +144,11 @@ def block_begin(
 ) -> tuple[torch.Tensor | None, _Pending | None]:
     """A decoder layer up to its routed experts: (output rows [N, D], None) for a dense layer, or
     (None, the pending MoE layer) whose :class:`ExpertCall` the caller answers, then :func:`block_end`."""
-    h = h + block.self_attn(block.input_layernorm(h), cos, sin, ctx)
-    x = block.post_attention_layernorm(h)
-    if not isinstance(block.mlp, MoE):
-        return h + block.mlp(x), None
+    h, x, gate = _regions(block)[0](block, h, ctx, cos, sin)
+    if gate is None:
+        return h, None
+    weights, idx, scores = gate
     moe = block.mlp
-    weights, idx, scores = moe.gate(x)
     hooks.route(block.layer_id, idx, weights, scores)
     if moe.seq_aux_alpha > 0 and torch.is_grad_enabled() and ctx.sequences is not None:
         B, S = ctx.sequences
@@ -159,10 +158,52 @@ def block_begin(
 
 def block_end(block: Block, pending: _Pending, y: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     """A MoE layer after its routed experts: y [N, D] (their weighted sum) plus the shared experts, residual."""
+    return hooks.cut(_regions(block)[1](block, pending.h, pending.x, y))
+
+
+def attend(
+    block: Block, h: torch.Tensor, ctx: Attention, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """A layer's dense part before its routed experts: attention and its residual, the second norm and
+    the dense MLP or the gate. -> (rows h, None, None) for a dense layer (its output), or (h, normed
+    rows x, the gate's (weights, ids, affinities)) for a MoE layer."""
+    h = h + block.self_attn(block.input_layernorm(h), cos, sin, ctx)
+    x = block.post_attention_layernorm(h)
+    if not isinstance(block.mlp, MoE):
+        return h + block.mlp(x), None, None
+    return h, x, block.mlp.gate(x)
+
+
+def finish(block: Block, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's dense part after its routed experts y [N, D]: the shared experts of x, the residual h."""
     moe = block.mlp
     if moe.shared_experts is not None:
-        y = y + moe.shared_experts(pending.x)
-    return hooks.cut(pending.h + y.to(pending.h.dtype))
+        y = y + moe.shared_experts(x)
+    return h + y.to(h.dtype)
+
+
+# the dense parts of a block as torch.compile'd regions (``Block.compiled``, set by :func:`compile_regions`):
+# one compiled function each for every block of every model; its graphs do not depend on the block's
+# identity, only on its structure and the shapes (nn modules are inlined, their parameters are inputs)
+_COMPILED: dict[str, Callable] = {}
+
+
+def _regions(block: Block) -> tuple[Callable, Callable]:
+    if not block.compiled or torch.compiler.is_compiling():  # inside a compiled graph the regions are traced
+        return attend, finish
+    if not _COMPILED:
+        _COMPILED.update(attend=torch.compile(attend), finish=torch.compile(finish))
+    return _COMPILED["attend"], _COMPILED["finish"]
+
+
+def compile_regions(part: DeepseekV3, enabled: bool = True) -> None:
+    """Run each block's dense parts (:func:`attend`, :func:`finish`) through ``torch.compile`` (``train.compile``).
+
+    Inductor fuses the norms, RoPE, casts, residual adds, the gate's routing and the SwiGLU
+    elementwise work of a block; the routed experts (data-dependent row counts) stay eager. The
+    first forward and backward of each new shape (and of each grad mode) compile, once per process."""
+    for block in part.blocks():
+        block.compiled = enabled
 
 
 # The programs below drive blocks with block_begin/block_end, not with ``yield from`` a generator per

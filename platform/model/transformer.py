@@ -48,6 +48,8 @@ class Block(nn.Module):
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # its dense parts run torch.compile'd (raymoe.platform.model.forward.compile_regions)
+        self.compiled = False
 
 
 class SharedHead(nn.Module):

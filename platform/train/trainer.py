@@ -30,6 +30,7 @@ from raymoe.platform.checkpoint.sharded import (
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
 from raymoe.platform.devices import resolve_device, tune_host_allocator
 from raymoe.platform.model import DeepseekV3
+from raymoe.platform.model.forward import compile_regions
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
 from raymoe.platform.train.optim import build_optimizer, cosine_lr, optimizer_step
 
@@ -137,6 +138,7 @@ class LocalTrainer:
         tune_host_allocator()  # every step's large casts and gradients reuse heap memory, not fresh mappings
         self.model = model if model is not None else build_model(cfg, resolve_device(cfg.parallel.device))
         self.model.train()
+        compile_regions(self.model, cfg.train.compile)
         self.device = self.model.device
         from raymoe.platform.train.finetune import restrict
 

@@ -8,7 +8,7 @@ import pytest
 
 from raymoe.pipelines import cli
 from raymoe.pipelines.bench import format_table
-from raymoe.pipelines.benchmarks.model_bench import OURS, BenchOptions, Job, summarize
+from raymoe.pipelines.benchmarks.model_bench import COMPILED, OURS, BenchOptions, Job, compiled, plan_jobs, summarize
 from raymoe.platform.config import load_config
 
 REPORT_KEYS = {"train_speedup", "decode_speedup", "configs", "matmul_tflops", "peak_mib", "flops_per_token"}
@@ -105,3 +105,42 @@ def test_summary_without_a_transformers_result_has_no_speedup():
     assert report["train_speedup"] is None and report["decode_speedup"] is None
     assert report["configs"][0]["train_mfu"] is None  # no measured rate to divide by
     assert "train speedup: n/a" in format_table(report)
+
+
+def test_compiled_rows_train_only_and_count_on_their_side():
+    """``IMPL+compile`` rows train only (no decode job, no failure for it), and compete on their own side:
+    the speedup is our fastest over transformers' fastest, compiled or not."""
+    opts = BenchOptions.quick()
+    opts.impls = (OURS, OURS + COMPILED, "eager", "eager" + COMPILED)
+    jobs = plan_jobs(opts)
+    assert Job("train", OURS + COMPILED, "fp32") in jobs and Job("decode", OURS + COMPILED, "fp32") not in jobs
+    assert Job("decode", OURS, "fp32") in jobs and Job("decode", "eager" + COMPILED, "fp32") not in jobs
+    results = {Job("matmul"): {"ok": True, "tflops": {"fp32": 0.25}, "shapes": [], "threads": 2}}
+    for impl, train in ((OURS, 100.0), (OURS + COMPILED, 150.0), ("eager", 80.0), ("eager" + COMPILED, 120.0)):
+        results[Job("train", impl, "fp32")] = {**_ok(train, 1000.0), "first_s": 30.0 if compiled(impl) else 1.5}
+    results[Job("decode", OURS, "fp32")] = _ok(10.0, 500.0)
+    results[Job("decode", "eager", "fp32")] = _ok(8.0, 500.0)
+    report = summarize(load_config("tiny"), opts, results, {"seconds": 1.0, "load_average": [0.0, 0.0]})
+    assert report["fastest"]["train"] == {"ours": "ours+compile fp32", "transformers": "eager+compile fp32"}
+    assert report["train_speedup"] == pytest.approx(1.25)
+    assert report["decode_speedup"] == pytest.approx(1.25)
+    row = {c["impl"]: c for c in report["configs"]}[OURS + COMPILED]
+    assert row["decode_tokens_per_s"] is None and row["decode_error"] is None and row["train_first_s"] == 30.0
+    table = format_table(report)
+    assert "hf eager+compile" in table and "failed" not in table and "1st step s" in table
+    assert "train speedup: 1.25x  (ours+compile fp32 over transformers eager+compile fp32" in table
+
+
+@pytest.mark.slow
+def test_bench_model_quick_compiled_rows_run(capsys):
+    """The real compiled rows: ours with ``train.compile`` and transformers with each decoder layer compiled
+    both train (their first step, which compiles, is reported apart), and no decode runs for them."""
+    argv = ["bench", "model", "--quick", "--impls", f"{OURS}{COMPILED},eager{COMPILED}", "--json", "--no-progress"]
+    code = cli.main(argv)
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    report = json.loads(stdout.strip().splitlines()[-1])
+    for config in report["configs"]:
+        assert config["train_error"] is None and config["train_tokens_per_s"] > 0, config
+        assert config["train_first_s"] > 0 and config["decode_tokens_per_s"] is None
+    assert report["train_speedup"] > 0 and report["decode_speedup"] is None
