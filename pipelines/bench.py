@@ -91,7 +91,7 @@ def _register_model(benchmarks: argparse._SubParsersAction) -> None:
         "--impls",
         type=_csv,
         help=f"comma list of {','.join(IMPLEMENTATIONS)} (default all; {OURS},eager with --quick), each also as "
-        f"IMPL{COMPILED} (training with regional torch.compile; its first step, which compiles, is shown apart)",
+        f"IMPL{COMPILED} (training with torch.compile; its first step, which compiles, is shown apart)",
     )
     parser.add_argument(
         "--dtypes", type=_csv, help=f"comma list of {','.join(DTYPES)} (default both; fp32 with --quick)"

@@ -133,8 +133,8 @@ def test_compiled_rows_train_only_and_count_on_their_side():
 
 @pytest.mark.slow
 def test_bench_model_quick_compiled_rows_run(capsys):
-    """The real compiled rows: ours with ``train.compile`` and transformers with each decoder layer compiled
-    both train (their first step, which compiles, is reported apart), and no decode runs for them."""
+    """The real compiled rows: ours with ``train.compile`` and transformers' whole model compiled both
+    train (their first step, which compiles, is reported apart), and no decode runs for them."""
     argv = ["bench", "model", "--quick", "--impls", f"{OURS}{COMPILED},eager{COMPILED}", "--json", "--no-progress"]
     code = cli.main(argv)
     stdout = capsys.readouterr().out
