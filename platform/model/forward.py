@@ -189,7 +189,9 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _regions(block: Block) -> tuple[Callable, Callable]:
-    if not block.compiled or torch.compiler.is_compiling():  # inside a compiled graph the regions are traced
+    # compiled for training steps only: evaluation (no grad) and a region traced inside another compiled
+    # graph run as written, so each block compiles for its kind (dense or MoE) and the step's shapes
+    if not block.compiled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return attend, finish
     if not _COMPILED:
         _COMPILED.update(attend=torch.compile(attend), finish=torch.compile(finish))
@@ -200,8 +202,9 @@ def compile_regions(part: DeepseekV3, enabled: bool = True) -> None:
     """Run each block's dense parts (:func:`attend`, :func:`finish`) through ``torch.compile`` (``train.compile``).
 
     Inductor fuses the norms, RoPE, casts, residual adds, the gate's routing and the SwiGLU
-    elementwise work of a block; the routed experts (data-dependent row counts) stay eager. The
-    first forward and backward of each new shape (and of each grad mode) compile, once per process."""
+    elementwise work of a block; the routed experts (data-dependent row counts) stay eager. Forwards
+    without autograd (evaluation) run eagerly. The first training step of each new shape compiles,
+    once per process."""
     for block in part.blocks():
         block.compiled = enabled
 
