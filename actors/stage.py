@@ -260,7 +260,8 @@ class Stage(Collective):
     def ready(self) -> dict:
         moe = sorted(self.part.moe_by_layer())
         return {"pid": os.getpid(), "params": sum(p.numel() for _, p in self.params), "param_bytes": self.param_bytes,
-                "layers": [b.layer_id for b in self.part.blocks()], "moe_layers": moe, **this_node()}  # fmt: skip
+                "layers": [b.layer_id for b in self.part.blocks()], "moe_layers": moe,
+                "compiled_layers": [b.layer_id for b in self.part.blocks() if b.compiled], **this_node()}  # fmt: skip
 
     def _reset_step(self) -> None:
         E = self.cfg.model.n_routed_experts

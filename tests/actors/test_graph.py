@@ -78,6 +78,26 @@ def test_graph_equals_the_local_trainer(ray_local, layout: tuple[int, int, int])
         graph.shutdown()
 
 
+def test_compiled_graph_equals_the_local_trainer(ray_local) -> None:
+    """``train.compile`` on the graph (1,1,2): the attention stage runs its blocks' compiled regions, and
+    the steps are the eager local trainer's (float32: to reduction order)."""
+    import ray
+
+    local = LocalTrainer(_cfg(mb=2))
+    graph = GraphTrainer(_cfg(1, 1, 2, 2, "train.compile=true"))
+    try:
+        info = ray.get(graph.stages[0][0].ready.remote())
+        assert info["compiled_layers"] == info["layers"] and info["layers"]
+        for input_ids, labels in _batches(3):
+            mbs = micro_batches(input_ids, labels, 2)
+            want, got = local.train_step(mbs), graph.train_step(mbs)
+            assert _close(got.loss, want.loss) and _close(got.mtp_loss, want.mtp_loss), (got.loss, want.loss)
+            assert _close(got.grad_norm, want.grad_norm, 1e-4) and torch.equal(got.loads, want.loads)
+        _assert_states_close(graph.full_state_dict(), local.model.state_dict())
+    finally:
+        graph.shutdown()
+
+
 def test_direct_transport_equals_the_object_store(ray_local) -> None:
     """parallel.transport=direct (Ray Direct Transport over gloo; the replicas' all-reduce in a subgroup of its
     world) at (2,2,3): the same losses, gradient norms, loads and parameters as the object store, bit for bit;
