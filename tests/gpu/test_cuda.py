@@ -57,6 +57,19 @@ def test_local_trainer_steps_on_cuda_equal_the_cpu() -> None:
         assert _rel(got.loss, want.loss) <= TOL and torch.equal(got.loads, want.loads)
 
 
+def test_compiled_trainer_on_cuda_equals_the_cpu() -> None:
+    """``train.compile`` on CUDA (inductor's Triton kernels for the blocks' dense parts): the CPU's eager steps."""
+    from raymoe.platform.train.trainer import LocalTrainer
+
+    cpu = LocalTrainer(load_config("tiny", ["parallel.device=cpu"]))
+    gpu = LocalTrainer(load_config("tiny", ["parallel.device=cuda", "train.compile=true"]))
+    assert all(b.compiled for b in gpu.model.blocks())
+    for seed in range(3):
+        mbs = [_batch(seed)]
+        want, got = cpu.train_step(mbs), gpu.train_step(mbs)
+        assert _rel(got.loss, want.loss) <= TOL and torch.equal(got.loads, want.loads)
+
+
 def test_graph_training_on_one_gpu_shared_by_fractional_actors(request: pytest.FixtureRequest) -> None:
     """Stages and shards each reserve a quarter of the one GPU and train on it: the local trainer's steps (CPU)."""
     ray = pytest.importorskip("ray")
