@@ -4,6 +4,7 @@
     raymoe bench model --json --out bench.json  # the report as JSON too (the last line of stdout)
     raymoe bench model --quick                  # seconds: tiny preset, ours vs transformers eager, fp32
     raymoe bench model --impls ours,grouped_mm --dtypes bf16 train.batch_size=4
+    raymoe bench model --impls ours,ours+compile,grouped_mm,grouped_mm+compile --dtypes bf16  # compiled too
     raymoe bench graph                          # the local trainer against the actor graph at 4 layouts
     raymoe bench graph --json --dtype bf16 --steps 5
     raymoe bench experts                        # serving under an expert budget (issue 17)
