@@ -165,7 +165,7 @@ def plan_jobs(opts: BenchOptions) -> list[Job]:
 
 
 def compiled(impl: str) -> bool:
-    """Whether ``impl`` (a ``--impls`` choice) trains with regional torch.compile."""
+    """Whether ``impl`` (a ``--impls`` choice) trains with torch.compile (ours regional, transformers' whole model)."""
     return impl.endswith(COMPILED)
 
 
