@@ -352,3 +352,39 @@ def test_training_attention_takes_the_fused_kernel_and_equals_the_written_out_on
         scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
         want = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_written_out_attention_backward_equals_float64(compiled: bool) -> None:
+    """The CPU's training attention in a compiled region (``_CausalAttention``: the fused forward, the
+    backward written out) gives SDPA's output and the gradients of attention in float64: float32 to
+    rounding, bf16 no further off than SDPA's own backward is (at most 2x its error, 2 % of the largest)."""
+    from raymoe.platform.model.attention import _CausalAttention, causal_attention
+
+    torch.manual_seed(0)
+    B, H, S, dqk, dv = 2, 3, 37, 12, 8
+    base = [torch.randn(B, H, S, d, dtype=torch.float64) * 1.5 for d in (dqk, dqk, dv)]
+    grad_out = torch.randn(B, H, S, dv, dtype=torch.float64)
+    scale = dqk**-0.5
+
+    def grads(fn, dtype):  # noqa: ANN001, ANN202
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in base)
+        out = fn(q, k, v)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().double(), *(t.grad.double() for t in (q, k, v))]
+
+    def reference(q, k, v):  # noqa: ANN001, ANN202
+        scores = (q @ k.transpose(-1, -2)) * scale
+        return scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v
+
+    def written_out(q, k, v):  # noqa: ANN001, ANN202
+        return _CausalAttention.apply(q, k, v, scale)
+
+    fn = torch.compile(lambda q, k, v: causal_attention(q, k, v, scale), fullgraph=True) if compiled else written_out
+    want = grads(reference, torch.float64)
+    for got, ref in zip(grads(fn, torch.float32), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    sdpa = grads(lambda q, k, v: causal_attention(q, k, v, scale), torch.bfloat16)  # eager: SDPA's own backward
+    for got, theirs, ref in zip(grads(fn, torch.bfloat16), sdpa, want):
+        err, their_err = (((t - ref).abs().max() / ref.abs().max()).item() for t in (got, theirs))
+        assert err <= max(2 * their_err, 1e-3) and err < 0.02, (err, their_err)
