@@ -40,7 +40,7 @@ from raymoe.platform.checkpoint.reader import open_checkpoint
 from raymoe.platform.checkpoint.sharded import save_checkpoint, set_rng_state
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
 from raymoe.platform.train.balance import bias_delta, gamma_at, max_violation
-from raymoe.platform.train.optim import cosine_lr
+from raymoe.platform.train.optim import clip_coefficient, cosine_lr
 from raymoe.platform.train.trainer import StepMetrics, check_same_model
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class GraphTrainer:
         stage_reports = reports[: self.dp * self.pp]
         shard_reports = reports[self.dp * self.pp :]
         grad_norm = math.sqrt(sum(r["sumsq"] for r in reports))
-        clip = min(tc.grad_clip / (grad_norm + 1e-6), 1.0) if tc.grad_clip > 0 else 1.0
+        clip = clip_coefficient(grad_norm, tc.grad_clip)
         lr = cosine_lr(self.step, tc.steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
         loads = self._loads(stage_reports)
         gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)

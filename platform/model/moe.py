@@ -121,7 +121,7 @@ class Experts(nn.Module):
             ids = flat.index_select(0, pairs)
         token = pairs // K
         counts = torch.bincount(ids, minlength=self.n_experts)  # [E]
-        y = self.run_grouped(x.index_select(0, token), counts)  # [pairs, D]; backward is an index_add
+        y = self.run_grouped(x, counts, rows=token)  # [pairs, D]; the gather's backward is an index_add
         y = y * weights.reshape(-1).index_select(0, pairs).unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
@@ -154,30 +154,45 @@ class Experts(nn.Module):
         return y if y is not None else x * 0
 
     def run_grouped(
-        self, x_sorted: torch.Tensor, counts: torch.Tensor, expert_ids: list[int] | None = None
+        self,
+        x_sorted: torch.Tensor,
+        counts: torch.Tensor,
+        expert_ids: list[int] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the experts on their rows: x_sorted [M, D] holds counts[i] rows for expert_ids[i], in order.
 
-        counts [n] (n = E when ``expert_ids`` is None, the experts in order). In bf16 one grouped
-        GEMM per projection (``torch.nn.functional.grouped_mm``); otherwise a loop over experts.
+        counts [n] (n = E when ``expert_ids`` is None, the experts in order). ``rows`` [M]: the rows are
+        ``x_sorted[rows]`` instead (gathered here, straight into the padded blocks on the CPU). In bf16 one
+        grouped GEMM per projection (``torch.nn.functional.grouped_mm``); otherwise a loop over experts.
         """
         dtype = compute_dtype(x_sorted)
+        padded_here = dtype == torch.bfloat16 and GROUPED_MM is not None and x_sorted.device.type == "cpu"
+        if rows is not None and not (padded_here and CPU_ROW_MULTIPLE > 1):  # gathered here only into padded blocks
+            x_sorted, rows = x_sorted.index_select(0, rows), None
         w13, w2 = self.gate_up_proj, self.down_proj
         if expert_ids is not None:
             index = torch.tensor(expert_ids, device=w13.device)
             w13, w2 = w13.index_select(0, index), w2.index_select(0, index)
         # cast the stacked weights once (not once per expert under autocast)
-        w13, w2, x_sorted = w13.to(dtype), w2.to(dtype), x_sorted.to(dtype)
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+        if rows is None:
+            x_sorted = x_sorted.to(dtype)
         if kernels.use_triton(x_sorted):  # one launch per GEMM, SwiGLU fused (raymoe.kernels.grouped_ffn)
             return kernels.grouped_swiglu(x_sorted, counts, w13, w2)
         if dtype == torch.bfloat16 and GROUPED_MM is not None:
             pad = CPU_ROW_MULTIPLE if x_sorted.device.type == "cpu" else 1
-            if pad > 1:  # each expert's block rounded up to a multiple of `pad` rows (zeros), dropped after
+            if pad > 1:  # each expert's block rounded up to a multiple of `pad` rows, dropped after
+                n = (x_sorted if rows is None else rows).shape[0]
                 padded = (counts + pad - 1) // pad * pad
-                pos = torch.arange(x_sorted.shape[0], device=x_sorted.device) + torch.repeat_interleave(
-                    padded.cumsum(0) - counts.cumsum(0) - (padded - counts), counts
+                pos = torch.arange(n, device=x_sorted.device) + torch.repeat_interleave(
+                    padded.cumsum(0) - counts.cumsum(0) - (padded - counts), counts, output_size=n
                 )
-                x_sorted = x_sorted.new_zeros(int(padded.sum()), x_sorted.shape[1]).index_copy(0, pos, x_sorted)
+                if rows is None:  # zero rows
+                    x_sorted = x_sorted.new_zeros(int(padded.sum()), x_sorted.shape[1]).index_copy(0, pos, x_sorted)
+                else:  # row 0 (its outputs are dropped, so its gradients there are zeros)
+                    src = rows.new_zeros(int(padded.sum())).index_copy_(0, pos, rows)
+                    x_sorted = _GatherRows.apply(x_sorted, src, dtype)
                 counts = padded
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = GROUPED_MM(x_sorted, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
@@ -196,6 +211,23 @@ class Experts(nn.Module):
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.to(dtype)[src]``: rows cast before they are gathered (a quarter of the bytes when each row is
+    chosen K = 4 times), with the backward's index_add in x's dtype (float32 sums of a row's K choices,
+    as a gather of float32 rows has)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(src)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return x.to(dtype).index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (src,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.x_shape, dtype=ctx.x_dtype).index_add_(0, src, grad.to(ctx.x_dtype)), None, None
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from raymoe.platform.devices import resolve_device, tune_host_allocator
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.model.forward import compile_regions
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
-from raymoe.platform.train.optim import build_optimizer, cosine_lr, optimizer_step
+from raymoe.platform.train.optim import build_optimizer, clip_and_step, clip_coefficient, cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -191,14 +191,9 @@ class LocalTrainer:
         """Clip, the AdamW step and the bias update from the step's sums and loads; the step's metrics."""
         tc = self.cfg.train
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            grad_norm = 0.0
-        elif tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True).item()
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True).item() if params else 0.0
         lr = cosine_lr(self.step, tc.steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
-        optimizer_step(self.optimizer, lr)
+        clip_and_step(params, self.optimizer, lr, clip_coefficient(grad_norm, tc.grad_clip))
         gamma = gamma_at(self.step, tc.steps, tc.bias_update_speed, tc.bias_update_speed_final)
         biases = apply_bias_update(self.gates, loads, gamma)
         metrics = StepMetrics(

@@ -27,6 +27,44 @@ def test_two_micro_batches_equal_one_batch() -> None:
         assert torch.allclose(pa, pb, atol=1e-5), name
 
 
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0, 1e6], ids=["clipped", "off", "above-the-norm"])
+def test_clipped_step_equals_clip_grad_norm_then_adamw(grad_clip: float) -> None:
+    """The step's clipping, applied inside the fused AdamW pass, moves the weights as torch's
+    ``clip_grad_norm_`` then an AdamW step do (to float32 rounding), and reports the unclipped norm."""
+
+    cfg = load_config("tiny", ["train.steps=3", f"train.grad_clip={grad_clip}", "train.warmup_steps=0"])
+    trainer = LocalTrainer(cfg)
+    ref = copy.deepcopy(trainer.model)
+    opt = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in _groups_like(trainer, ref)],
+        lr=cosine_lr(0, 3, cfg.train.lr, 0, cfg.train.min_lr_ratio),
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        eps=1e-8,
+    )
+    ids = torch.randint(0, cfg.model.vocab_size, (4, 17))
+    metrics = trainer.train_step([(ids[:, :-1], ids[:, 1:])])
+    ref.loss(ids[:, :-1], ids[:, 1:], mtp_lambda=cfg.train.mtp_lambda).loss.backward()
+    params = [p for p in ref.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    assert metrics.grad_norm == pytest.approx(norm, rel=1e-5)
+    assert grad_clip != 0.05 or norm > 10 * grad_clip  # the clipped case clips
+    for (name, a), b in zip(trainer.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _groups_like(trainer: LocalTrainer, model: torch.nn.Module) -> list[dict]:
+    """The trainer's AdamW groups (decay on matrices only) over the same-named parameters of ``model``."""
+    by_id = {id(p): name for name, p in trainer.model.named_parameters()}
+    named = dict(model.named_parameters())
+    return [
+        {"params": [named[by_id[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in trainer.optimizer.param_groups
+    ]
+
+
 def test_loss_decreases_on_a_learnable_stream() -> None:
     cfg = load_config("tiny", ["train.steps=25", "train.lr=3e-3"])
     trainer = LocalTrainer(cfg)
