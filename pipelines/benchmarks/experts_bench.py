@@ -195,7 +195,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "raymoe.pipelines.cli", "bench", "experts", "--worker", json.dumps(job)]
+    # -P: the working directory off sys.path, as in model_bench (a checkout's kernels/ shadows transformers' `kernels`)
+    cmd = [sys.executable, "-P", "-m", "raymoe.pipelines.cli", "bench", "experts", "--worker", json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

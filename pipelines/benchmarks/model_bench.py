@@ -192,7 +192,9 @@ def run_job(job: Job, opts: BenchOptions, memory_limit_mib: int) -> dict[str, An
     """Run ``job`` in a fresh worker process; its result dict (``ok`` False and ``error`` on failure)."""
     spec = json.dumps({"job": dataclasses.asdict(job), "options": dataclasses.asdict(opts), "limit": memory_limit_mib})
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", WORKER_MODULE, "--worker", spec]
+    # -P: the working directory stays off sys.path, so a checkout's top-level kernels/ folder cannot shadow
+    # the `kernels` package that transformers (>= 5.25) imports when it compiles
+    cmd = [sys.executable, "-P", "-m", WORKER_MODULE, "--worker", spec]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.worker_timeout_s, env=env)
     except subprocess.TimeoutExpired:
