@@ -77,6 +77,9 @@ class GraphTrainer:
         self.dp, self.pp, self.ep = p.dp, self.placement.pp, self.placement.ep
         self.colocated = self.dp == self.pp == self.ep == 1 and placement is None
         self.step = 0
+        # train.compile: the first step compiles every stage's regions (tens of seconds with inductor's cache
+        # cold), so it waits up to parallel.long_timeout_s; the steps after it, parallel.timeout_s
+        self._compiling = cfg.train.compile
         self.rt = make_runtime(in_process, p.timeout_s, p.long_timeout_s, where="step 0", transport=p.transport)
         self.biases = torch.zeros(len(self.placement.moe_layers), cfg.model.n_routed_experts)
         options = actor_options(cfg, many=not self.colocated)
@@ -196,7 +199,9 @@ class GraphTrainer:
         if self.dp > 1 and self.rt.in_process:
             _sum_replica_grads(self.stages)
         t_submit = time.perf_counter()
-        reports = self._get([self.rt.call(a, "finish")[0] for a in self.actors()], "the step's forward and backward")
+        reports = self._get([self.rt.call(a, "finish")[0] for a in self.actors()], "the step's forward and backward",
+                            long=self._compiling)  # fmt: skip
+        self._compiling = False
         t_wait = time.perf_counter()
         stage_reports = reports[: self.dp * self.pp]
         shard_reports = reports[self.dp * self.pp :]
