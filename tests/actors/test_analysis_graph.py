@@ -40,7 +40,15 @@ def _analyze(location: str, make_source, runner: str) -> dict:  # noqa: ANN001
 
 
 def _assert_same(got: dict, want: dict) -> None:
-    assert got["layers"] == want["layers"]  # every routing metric: the same routing, the same numbers
+    # the same routing, so every metric of the choices is the same number; the gate weights are floats of
+    # hidden rows whose experts' outputs the shards added in another order (2026-12-04, an EPYC: 4e-10 apart)
+    def choices(result: dict) -> list[dict]:
+        return [{k: v for k, v in layer.items() if k != "mean_gate_weight"} for layer in result["layers"]]
+
+    assert choices(got) == choices(want)
+    for g, w in zip(got["layers"], want["layers"]):
+        assert len(g["mean_gate_weight"]) == len(w["mean_gate_weight"])
+        assert all(math.isclose(a, b, rel_tol=LOSS_RTOL) for a, b in zip(g["mean_gate_weight"], w["mean_gate_weight"]))
     assert [e["name"] for e in got["layers"]] == ["layer 1", "layer 2", "MTP 1"]
     assert got["saturation"] == want["saturation"]
     ga, wa = got["ablation"], want["ablation"]
