@@ -44,7 +44,7 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ensure_default_data(data_dir, cfg)
     print(f"raymoe demo: 2. pretraining the 'small' preset: {cfg.train.steps} steps of {cfg.train.batch_size}×"
-          f"{cfg.train.seq_len} tokens in {cfg.train.dtype} on the actor graph (dp={cfg.parallel.dp}, "
+          f"{cfg.train.seq_len} tokens in {_dtype_words(cfg)} on the actor graph (dp={cfg.parallel.dp}, "
           f"pp={cfg.parallel.pp}, ep={cfg.parallel.ep}: {cfg.parallel.dp * cfg.parallel.pp} attention stages, "
           f"{cfg.parallel.ep} expert shards, on a local Ray), tracked in MLflow")  # fmt: skip
     stale = output / CHECKPOINTS_DIR
@@ -80,6 +80,18 @@ def _main(args: argparse.Namespace) -> int:
     print(f"export it for transformers: {prog} export --checkpoint {output} --out {output}/hf")
     print(f"serve it (OpenAI API at http://127.0.0.1:8000/v1): {prog} serve --checkpoint {output}")
     return 0
+
+
+def _dtype_words(cfg) -> str:  # noqa: ANN001
+    """The dtype the demo trains in here, and why when the preset left it to the machine."""
+    from raymoe.platform.devices import bf16_matmul_is_fast, resolve_device, train_dtype
+
+    device = resolve_device(cfg.parallel.device)
+    dtype = train_dtype(cfg.train.dtype, device)
+    if cfg.train.dtype != "auto":
+        return dtype
+    why = "runs bf16 products fast" if bf16_matmul_is_fast(device) else "has no fast bf16 products: float32 is faster"
+    return f"{dtype} (train.dtype=auto: this {device.type.upper()} {why})"
 
 
 def _command_name() -> str:

@@ -87,6 +87,7 @@ class ModelConfig:
 
 
 TRANSPORTS = ("object_store", "direct")
+TRAIN_DTYPES = ("fp32", "bf16", "auto")  # train.dtype; auto: bf16 where its products are fast
 PLACEMENTS = ("auto", "PACK", "SPREAD")
 EXPERT_PLACEMENTS = ("contiguous", "balanced")
 
@@ -137,7 +138,7 @@ class TrainConfig:
     checkpoint_uri: str = ""  # where checkpoints go: a path or pyarrow URI (s3://...); default: the run's output
     keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
     init_from: str = ""  # start from this checkpoint's weights (any layout, path or URI; step 0, fresh optimizer)
-    dtype: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 matmuls, fp32 master weights)
+    dtype: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 matmuls, fp32 master weights) | auto (bf16 where fast)
     compile: bool = False  # torch.compile each block's dense parts (attention, norms, gate, shared experts)
     seed: int = 0
     log_every: int = 10
@@ -400,8 +401,8 @@ def validate(cfg: RaymoeConfig) -> None:
         raise ConfigError(f"train.beta1/train.beta2 must be < 1, got {t.beta1}/{t.beta2}")
     if t.min_lr_ratio > 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    if t.dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got {t.dtype!r}")
+    if t.dtype not in TRAIN_DTYPES:
+        raise ConfigError(f"train.dtype must be one of {', '.join(TRAIN_DTYPES)}, got {t.dtype!r}")
     if t.batch_size % (p.micro_batches * p.dp):
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be divisible by parallel.micro_batches × parallel.dp "

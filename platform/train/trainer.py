@@ -28,7 +28,7 @@ from raymoe.platform.checkpoint.sharded import (
     write_part,
 )
 from raymoe.platform.config import RaymoeConfig, config_to_dict, model_config_to_hf
-from raymoe.platform.devices import resolve_device, tune_host_allocator
+from raymoe.platform.devices import resolve_device, train_dtype, tune_host_allocator
 from raymoe.platform.model import DeepseekV3
 from raymoe.platform.model.forward import compile_regions
 from raymoe.platform.train.balance import LoadCounter, apply_bias_update, gamma_at, max_violation
@@ -85,8 +85,9 @@ class StepRewound(RuntimeError):
 
 
 def autocast_context(dtype: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bf16 mixed precision (bf16 matmuls; fp32 weights, router, softmax, losses) or nothing."""
-    if dtype == "bf16":
+    """bf16 mixed precision (bf16 matmuls; fp32 weights, router, softmax, losses) or nothing; ``auto`` is
+    bf16 where ``device`` runs bf16 products fast (:func:`~raymoe.platform.devices.train_dtype`)."""
+    if train_dtype(dtype, device) == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -72,3 +72,65 @@ def test_host_allocator_tuning_has_a_default_and_is_checked() -> None:
     for bad, words in (("lots", "must be a number of bytes"), (str(1 << 31), "must be below 2 GiB")):
         out = run(bad)
         assert out.returncode != 0 and words in out.stderr
+
+
+@pytest.fixture
+def bf16_speed(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Set whether this process's devices run bf16 products fast (the answers are cached per process)."""
+    from raymoe.platform import devices
+
+    monkeypatch.setattr(devices, "_resolved", {})
+
+    def set_fast(fast: bool) -> None:
+        devices._resolved.clear()
+        monkeypatch.setattr(devices, "bf16_matmul_is_fast", lambda device: fast)
+
+    return set_fast
+
+
+def test_train_dtype_auto_is_bf16_only_where_its_products_are_fast(bf16_speed, caplog) -> None:  # noqa: ANN001
+    from raymoe.platform.devices import train_dtype
+    from raymoe.platform.train.trainer import autocast_context
+
+    def autocast_dtype(name: str) -> torch.dtype | None:
+        with autocast_context(name, "cpu"):
+            return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+    bf16_speed(False)  # an AVX2-only x86 CPU: torch's fallback bf16 kernel
+    with caplog.at_level("WARNING", logger="raymoe.platform.devices"):
+        assert train_dtype("auto", "cpu") == "fp32" and autocast_dtype("auto") is None
+        assert train_dtype("fp32", "cpu") == "fp32" and autocast_dtype("fp32") is None
+        assert not caplog.records
+        assert train_dtype("bf16", "cpu") == "bf16" and autocast_dtype("bf16") == torch.bfloat16  # asked for: kept
+        assert autocast_dtype("bf16") == torch.bfloat16
+    (warning,) = caplog.records  # once a process, not once a micro-batch
+    message = warning.getMessage()
+    assert "train.dtype=bf16 on cpu" in message and "train.dtype=auto (float32 here)" in message
+
+    bf16_speed(True)  # AVX512 / AMX, or a GPU with bf16
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raymoe.platform.devices"):
+        assert train_dtype("auto", "cpu") == "bf16" and autocast_dtype("auto") == torch.bfloat16
+        assert train_dtype("bf16", "cpu") == "bf16"
+    assert not caplog.records
+    with pytest.raises(ValueError, match="train.dtype must be one of fp32, bf16, auto, got 'fp16'"):
+        train_dtype("fp16", "cpu")
+    with pytest.raises(ConfigError, match="train.dtype must be one of fp32, bf16, auto, got 'fp16'"):
+        load_config("tiny", ["train.dtype=fp16"])
+    assert load_config("small").train.dtype == "auto"  # the demo's preset leaves it to the machine
+
+
+def test_auto_trains_exactly_as_the_dtype_it_resolves_to(bf16_speed) -> None:  # noqa: ANN001
+    from raymoe.platform.train.trainer import LocalTrainer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, load_config("tiny").model.vocab_size, (2, 16), generator=g)
+
+    def loss(dtype: str) -> float:
+        return LocalTrainer(load_config("tiny", [f"train.dtype={dtype}"])).train_step([(ids, ids)]).loss
+
+    bf16_speed(False)
+    fp32, auto_slow = loss("fp32"), loss("auto")
+    bf16_speed(True)
+    bf16, auto_fast = loss("bf16"), loss("auto")
+    assert auto_slow == fp32 and auto_fast == bf16 and bf16 != fp32
