@@ -25,19 +25,36 @@ SUBCOMMANDS = (
 )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(names: tuple[str, ...] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raymoe", description="Pretrain and serve DeepSeek-V3-architecture MoE models on Ray."
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in names:
         importlib.import_module(f"raymoe.pipelines.{name.replace('-', '_')}").register(sub)
     return parser
 
 
+def _named_command(argv: list[str]) -> str | None:
+    """The subcommand ARGV names, if any: only its module is imported (``serve`` pulls in Ray Serve and FastAPI,
+    which ``raymoe bench`` or ``info`` never need; a GPU image without them still runs those)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--log-level":
+            i += 2
+        elif arg.startswith("-"):
+            return None  # --help, --log-level=X or a typo: the full parser answers
+        else:
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = _named_command(argv)
+    parser = build_parser((name,) if name else SUBCOMMANDS)
     # dotted overrides may also follow options (`raymoe pretrain tiny --output o train.steps=5`)
     args, extra = parser.parse_known_args(argv)
     if extra:
