@@ -41,6 +41,17 @@ def upcast_bf16(*tensors: torch.Tensor) -> bool:
     return interpreting() and any(t.dtype == torch.bfloat16 for t in tensors)
 
 
+def dot_precision(*tensors: torch.Tensor) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 operands, as torch runs its own float32 matmuls:
+    ``torch.get_float32_matmul_precision()`` "highest" (torch's default) gives "ieee", float32 products
+    as exact as the torch paths'; "high" or "medium" allow TF32 ("tf32"). Triton's own default is TF32,
+    whose 10-bit mantissa put float32 kernel outputs 1e-3 from torch's on an H200 (2026-12-04). Other
+    dtypes run on the tensor cores whatever this says."""
+    if any(t.dtype == torch.float32 for t in tensors) and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def check_tensor(
     name: str,
     t: object,

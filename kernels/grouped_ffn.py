@@ -16,7 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from raymoe.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, launchable, upcast_bf16
+from raymoe.kernels._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    dot_precision,
+    launchable,
+    upcast_bf16,
+)
 
 # Tiles: initial choices for bf16 on Hopper (128×128×64, 8 warps, 3 stages is the usual
 # starting point of Triton's matmul tutorial); the SwiGLU GEMM keeps two accumulators, so its
@@ -46,6 +53,7 @@ def _grouped_mm_kernel(
     stride_bk,
     SWIGLU: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -74,7 +82,7 @@ def _grouped_mm_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if SWIGLU:
             up_cols = cols + n_out
             b_up = tl.load(
@@ -82,7 +90,7 @@ def _grouped_mm_kernel(
             )
             if UPCAST:
                 b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
     out_mask = row_ok[:, None] & col_ok[None, :]
     if SWIGLU:
         # pre-activations rounded to the output dtype, as the torch path has them
@@ -106,6 +114,7 @@ def _grouped_wgrad_kernel(
     P,
     Q,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BP: tl.constexpr,
     BQ: tl.constexpr,
     BK: tl.constexpr,
@@ -127,7 +136,7 @@ def _grouped_wgrad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     out = out_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
@@ -186,7 +195,7 @@ def grouped_mm(
     launchable(_grouped_mm_kernel, a)[grid](
         a, b, out, h if swiglu else out, tile_expert, tile_row, offs, N, Kd,
         a.stride(0), b.stride(0), b.stride(1), b.stride(2),
-        SWIGLU=swiglu, UPCAST=upcast_bf16(a), BM=BLOCK_M, BN=bn, BK=BLOCK_K,
+        SWIGLU=swiglu, UPCAST=upcast_bf16(a), PRECISION=dot_precision(a), BM=BLOCK_M, BN=bn, BK=BLOCK_K,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, h
@@ -204,8 +213,8 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, out_dt
     out = a.new_empty(E, P, Q, dtype=out_dtype)
     grid = (E, triton.cdiv(P, BLOCK_N), triton.cdiv(Q, BLOCK_N))
     launchable(_grouped_wgrad_kernel, a)[grid](
-        a, b, out, offs, P, Q, UPCAST=upcast_bf16(a, b), BP=BLOCK_N, BQ=BLOCK_N, BK=BLOCK_K,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        a, b, out, offs, P, Q, UPCAST=upcast_bf16(a, b), PRECISION=dot_precision(a, b),
+        BP=BLOCK_N, BQ=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out
 

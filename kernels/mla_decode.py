@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from raymoe.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, launchable, upcast_bf16
+from raymoe.kernels._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    dot_precision,
+    launchable,
+    upcast_bf16,
+)
 
 LOG2_E = math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x · log2 e)
 
@@ -52,6 +59,7 @@ def _mla_decode_kernel(
     scale_log2,
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BH: tl.constexpr,
     BN: tl.constexpr,
     BC: tl.constexpr,
@@ -93,13 +101,15 @@ def _mla_decode_kernel(
         if UPCAST:
             kv = kv.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
-        scores = tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))  # [BH, BN] float32
+        scores = tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION) + tl.dot(
+            q_pe, tl.trans(k_pe), input_precision=PRECISION
+        )  # [BH, BN] float32
         scores = tl.where(t_ok[None, :], scores * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
         m = m_new
 
     has_tokens = l > 0
@@ -176,7 +186,7 @@ def mla_decode(
     launchable(_mla_decode_kernel, q_lat)[grid](
         q_lat, q_pe, cache, block_table, seq_lens, partial if split else out, lse if split else out,
         H, C, R, block_size, block_table.shape[1], split_tokens, softmax_scale * LOG2_E,
-        SPLIT=split, UPCAST=upcast_bf16(q_lat, cache), BH=BLOCK_H, BN=BLOCK_N,
+        SPLIT=split, UPCAST=upcast_bf16(q_lat, cache), PRECISION=dot_precision(q_lat, cache), BH=BLOCK_H, BN=BLOCK_N,
         BC=max(16, triton.next_power_of_2(C)), BR=max(16, triton.next_power_of_2(R)), num_warps=NUM_WARPS,
     )  # fmt: skip
     if not split:

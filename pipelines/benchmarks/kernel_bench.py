@@ -123,9 +123,18 @@ def measure_ceilings(iters: int, warmup: int) -> dict[str, float]:
     return {"matmul_tflops": 2 * n**3 / matmul_ms / 1e9, "copy_gbps": 2 * CEILING_COPY_BYTES / copy_ms / 1e6}
 
 
+ERR_CHUNK = 1 << 26  # elements compared at a time: a 15 GB bf16 gradient is not copied to float32 whole
+
+
 def _max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max abs error relative to the reference's max magnitude."""
-    return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+    """Max abs error relative to the reference's max magnitude, ERR_CHUNK elements at a time (comparing the
+    DeepSeek-V3 experts' w13 gradients whole asked for 28 GiB more on an H200 holding 114 GiB, 2026-12-04)."""
+    a, b = ours.reshape(-1), ref.reshape(-1)
+    err, peak = 0.0, 0.0
+    for i in range(0, a.numel(), ERR_CHUNK):
+        x, y = a[i : i + ERR_CHUNK].float(), b[i : i + ERR_CHUNK].float()
+        err, peak = max(err, (x - y).abs().max().item()), max(peak, y.abs().max().item())
+    return err / max(peak, 1e-30)
 
 
 def _routing(tokens: int) -> torch.Tensor:

@@ -230,7 +230,9 @@ def init_parameter_(name: str, p: torch.Tensor, std: float, seed: int, expert_id
     Norm weights are ones, biases zeros, other tensors Normal(0, std) from a generator seeded by
     (``seed``, ``name``). A stacked expert tensor ``...experts.gate_up_proj`` [n, ...] draws each
     expert from its own generator, keyed by the expert's id (``expert_ids[i]``, default ``i``),
-    so an expert shard holding experts 11..21 initializes them as the whole model would.
+    so an expert shard holding experts 11..21 initializes them as the whole model would. The values are
+    drawn on the CPU (its generators), whatever the parameter's device or torch's default device, so they
+    are the same everywhere.
     """
     if name.endswith("norm.weight") or "layernorm" in name:
         p.fill_(1.0)
@@ -240,10 +242,10 @@ def init_parameter_(name: str, p: torch.Tensor, std: float, seed: int, expert_id
         ids = expert_ids if expert_ids is not None else range(p.shape[0])
         for row, e in zip(p, ids):
             gen = torch.Generator().manual_seed(_param_seed(seed, f"{name}.{e}"))
-            row.copy_(torch.empty(row.shape).normal_(0.0, std, generator=gen))
+            row.copy_(torch.empty(row.shape, device="cpu").normal_(0.0, std, generator=gen))
     else:
         gen = torch.Generator().manual_seed(_param_seed(seed, name))
-        p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+        p.copy_(torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=gen))
 
 
 def moe_prefix(layer: int, num_hidden_layers: int) -> str:

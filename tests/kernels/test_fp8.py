@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import assert_close, interpret  # noqa: F401
+from kernel_testing import GPU, assert_close, interpret  # noqa: F401
 
 from raymoe.kernels.fp8 import (
     FP8_BLOCK,
@@ -21,6 +21,20 @@ from raymoe.kernels.fp8 import (
     quantize_weight,
     quantize_weight_reference,
 )
+
+# Hopper's FP8 tensor cores add the products inside one 128-wide scale group with about 14 mantissa bits, not
+# float32's 24 (DeepSeek-V3, section 3.3.2); the kernel, as the paper does, promotes to float32 once per group.
+# On an H200 (2026-12-04) the float32 outputs were 7.7e-5 and 2.9e-4 (relative) from the float32 reference.
+FP8_MMA_TOLERANCE = 2**-9
+
+
+def _assert_fp8_product_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if not GPU:
+        assert_close(actual, expected, torch.float32, what)
+        return
+    err = (actual.float() - expected.float()).abs().max().item()
+    bound = FP8_MMA_TOLERANCE * max(1.0, expected.float().abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (FP8 tensor cores)"
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -64,10 +78,14 @@ def test_gemm_matches_reference(M: int, N: int, K: int, out_dtype: torch.dtype) 
     a_fp8, a_scale = quantize_activations_reference(x)
     out = fp8_gemm(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
     assert out.dtype == out_dtype
-    assert_close(out, fp8_gemm_reference(a_fp8, a_scale, w_fp8, w_scale, out_dtype), out_dtype, "fp8 gemm")
+    want = fp8_gemm_reference(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+    if out_dtype == torch.float32:
+        _assert_fp8_product_close(out, want, "fp8 gemm")
+    else:
+        assert_close(out, want, out_dtype, "fp8 gemm")
     # and close to the unquantized product: two e4m3 roundings, each at most 2^-4 relative
     linear = fp8_linear(x, w_fp8, w_scale, torch.float32)
-    assert_close(linear, fp8_linear_reference(x, w_fp8, w_scale, torch.float32), torch.float32, "fp8 linear")
+    _assert_fp8_product_close(linear, fp8_linear_reference(x, w_fp8, w_scale, torch.float32), "fp8 linear")
     assert (linear - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
 
 
