@@ -85,7 +85,9 @@ class ServeArgs(BaseModel):
     )
     require_api_key: bool = Field(False, description="a replica that finds no API key refuses to start")
     max_body_bytes: int = Field(api.MAX_BODY_BYTES, ge=1, description="larger request bodies get a 413")
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto (bfloat16 where bf16 products are fast where the model computes, else float32)"
+    )
     device: str = Field("auto", description="auto (CUDA when the replica or actor sees a GPU) | cpu | cuda")
     gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs each actor of the graph runner reserves (fractions share)"
@@ -154,6 +156,25 @@ class ServeArgs(BaseModel):
                              f"beside it, no training loads); run raymoe calibrate or pass --expert-stats")  # fmt: skip
         stats.check_against(model_config, self.expert_stats or location)
         return stats.loads
+
+    def torch_dtype(self) -> Any:
+        """The torch dtype of the served weights and cache: ``dtype``, with ``auto`` resolved for where the model
+        computes (:func:`~raymoe.platform.devices.serve_dtype`): this replica's device (``local``), or the graph's
+        actors (CUDA when they reserve GPUs, else the CPU)."""
+        import torch
+
+        from raymoe.platform.devices import serve_dtype
+
+        if self.device == "cpu" or self.device.startswith("cuda"):
+            where = self.device
+        elif self.runner == "graph":
+            where = "cuda" if self.gpus_per_actor > 0 else "cpu"
+        else:
+            where = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = serve_dtype(self.dtype, where)
+        if self.dtype == "auto":
+            logger.info("dtype=auto on %s: %s", torch.device(where).type, str(dtype).removeprefix("torch."))
+        return dtype
 
     def tier_config(self) -> Any:
         """The :class:`~raymoe.platform.inference.tiers.TierConfig` of the expert flags."""
@@ -284,12 +305,11 @@ def _merge_by_request(outs: list[Output]) -> list[Output]:
 
 def _make_runner(args: ServeArgs, served: Any) -> Any:
     """The replica's runner: the model loaded here (``local``), or an actor graph whose actors load it (``graph``)."""
-    import torch
 
     from raymoe.platform.inference.runner import LocalRunner, cache_blocks
 
     blocks = cache_blocks(args.cache_tokens, args.block_size)
-    dtype = getattr(torch, args.dtype)
+    dtype = args.torch_dtype()
     if args.runner == "graph":  # the replica holds no weights: every actor loads its own share
         from raymoe.actors.graph import GraphRunner
 
@@ -571,7 +591,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "a flag)")  # fmt: skip
     p.add_argument("--api-key", nargs="?", action=_RemovedFlag, help=argparse.SUPPRESS)
     p.add_argument("--model-name", default="raymoe", help="the model id clients name (default raymoe)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto (bfloat16 where bf16 products are fast, else float32; default)")  # fmt: skip
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when the replica sees a GPU; default) | cpu | cuda (the local runner's replica "
                    "then reserves one GPU)")  # fmt: skip
@@ -706,11 +727,9 @@ def run(args: argparse.Namespace) -> int:
                                     served.model_config.n_routed_experts)  # fmt: skip
             balanced_placement(served.model_config, parallel, loads, serve_args.redundant_experts)
         if serve_args.expert_budget is not None:  # the tiers' arithmetic and statistics, checked before Ray starts
-            import torch
-
             from raymoe.platform.inference.tiers import plan_for_checkpoint
 
-            plan = plan_for_checkpoint(served.location, served.model_config, getattr(torch, serve_args.dtype),
+            plan = plan_for_checkpoint(served.location, served.model_config, serve_args.torch_dtype(),
                                        serve_args.tier_config(), serve_args.expert_stats)  # fmt: skip
             print(f"raymoe serve: {plan.summary()}")
     except (CheckpointError, ValueError, OSError) as exc:  # ValidationError is a ValueError; ConfigError too

@@ -90,6 +90,26 @@ def train_dtype(name: str, device: torch.device | str) -> str:
     return _resolved[key]
 
 
+SERVE_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def serve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of the served weights and cache for ``dtype=name`` on ``device``.
+
+    ``auto`` is bfloat16 where bf16 products are fast (:func:`bf16_matmul_is_fast`), else float32: on a 2-core
+    AVX2 EPYC (2026-12-04) ``raymoe generate`` decoded 135 tokens/s in float32 against 42 in bfloat16;
+    float32 holds twice the weight memory. A CUDA device this process does not see (the graph's actors reserve
+    GPUs the replica lacks) counts as fast: every GPU the platform targets (Ampere and later) has bf16 tensor
+    cores."""
+    if name not in SERVE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SERVE_DTYPES)}, got {name!r}")
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device)
+    fast = True if device.type == "cuda" and not torch.cuda.is_available() else bf16_matmul_is_fast(device)
+    return torch.bfloat16 if fast else torch.float32
+
+
 def _slow_bf16_reason(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} does not support bf16"

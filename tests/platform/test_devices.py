@@ -134,3 +134,17 @@ def test_auto_trains_exactly_as_the_dtype_it_resolves_to(bf16_speed) -> None:  #
     bf16_speed(True)
     bf16, auto_fast = loss("bf16"), loss("auto")
     assert auto_slow == fp32 and auto_fast == bf16 and bf16 != fp32
+
+
+def test_serve_dtype_auto_is_bfloat16_only_where_its_products_are_fast(bf16_speed) -> None:  # noqa: ANN001
+    from raymoe.platform.devices import serve_dtype
+
+    bf16_speed(False)
+    assert serve_dtype("auto", "cpu") == torch.float32
+    assert serve_dtype("bfloat16", "cpu") == torch.bfloat16 and serve_dtype("float32", "cpu") == torch.float32
+    if not torch.cuda.is_available():  # GPUs the graph's actors reserve, unseen here, are taken as Ampere or later
+        assert serve_dtype("auto", "cuda") == torch.bfloat16
+    bf16_speed(True)
+    assert serve_dtype("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float32, got 'fp16'"):
+        serve_dtype("fp16", "cpu")
